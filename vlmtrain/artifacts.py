@@ -1,0 +1,115 @@
+"""Stage artifacts: what a finished stage hands to later stages.
+
+Layout of ``<stage dir>/artifact/``::
+
+    vision.safetensors  projector.safetensors  lm.safetensors   component weights
+    vision_config.json  lm_config.json                          transformers configs
+    tokenizer/                                                  with the image token
+    manifest.json                                               stage, config hash, metrics, versions
+
+Written to a temporary directory and renamed, so a kill during the write never
+leaves a partial artifact. Initializing a component from an artifact (this
+module) and resuming from a checkpoint (Lightning's ``ckpt_path``) are separate
+operations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from vlmtrain.model.vlm import VisionLanguageModel
+
+MANIFEST = "manifest.json"
+
+
+def config_hash(resolved: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    names = ("vlmtrain", "torch", "lightning", "transformers", "peft", "hydra-core", "torchdata")
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except Exception:
+            out[name] = "missing"
+    return out
+
+
+def save_artifact(model: VisionLanguageModel, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> Path:
+    if hasattr(model.language_model, "merge_and_unload"):
+        # LoRA: later stages and exports get plain LM weights.
+        model.language_model = model.language_model.merge_and_unload()
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, module in model.components().items():
+        # save_model de-duplicates tied tensors (e.g. tied LM embeddings), which save_file rejects.
+        save_model(module, str(tmp / f"{name}.safetensors"))
+    model.vision_tower.config.to_json_file(tmp / "vision_config.json")
+    model.language_model.config.to_json_file(tmp / "lm_config.json")
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    manifest = {**manifest, "versions": package_versions(), "code_version": code_version()}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def read_manifest(artifact_dir: Path) -> dict[str, Any]:
+    path = Path(artifact_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(artifact_dir)!r} is not a vlmtrain artifact (no {MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def load_component(module: nn.Module, name: str, artifact_dir: Path) -> None:
+    """Load one component's weights, failing before any training on a missing component
+    or a shape mismatch, naming every tensor involved."""
+    path = Path(artifact_dir) / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact {str(artifact_dir)!r} has no component {name!r} ({path.name})")
+    own = module.state_dict()
+    problems = []
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if key not in own:
+                problems.append(f"unexpected tensor {key}")
+                continue
+            shape = tuple(f.get_slice(key).get_shape())
+            if shape != tuple(own[key].shape):
+                problems.append(f"{key}: artifact {shape} vs model {tuple(own[key].shape)}")
+    if problems:
+        raise ValueError(
+            f"component {name!r} from {str(artifact_dir)!r} does not fit the configured model:\n  "
+            + "\n  ".join(problems)
+        )
+    missing, unexpected = load_model(module, str(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"component {name!r} from {str(artifact_dir)!r}: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}"
+        )

@@ -1,0 +1,46 @@
+"""The ``vlmtrain`` command.
+
+``vlmtrain [hydra overrides]`` trains (Hydra app: ``--cfg job``, ``-m`` and all
+overrides work); ``vlmtrain generate-shapes ...`` writes the shapes data set.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from vlmtrain.config import register_configs
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def train_main(cfg: DictConfig) -> None:
+    from vlmtrain.train import run_stage
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.stage is None:
+        raise ValueError("no stage selected: pass stage=<name> (e.g. stage=align)")
+    run_stage(cfg, run_dir)
+
+
+SUBCOMMANDS = {"generate-shapes": "vlmtrain.data.shapes"}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        import importlib
+
+        name = sys.argv[1]
+        sys.exit(importlib.import_module(SUBCOMMANDS[name]).main(sys.argv[2:]))
+    train_main()
+
+
+if __name__ == "__main__":
+    main()

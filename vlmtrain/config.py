@@ -1,0 +1,184 @@
+"""Structured config schemas, registered in Hydra's ConfigStore.
+
+Every config group under ``conf/`` is validated against one of these
+dataclasses: an unknown key in a YAML file or on the command line fails at
+compose time with the key's full name. The root schema is ``VLMTrainConfig``;
+``conf/config.yaml`` lists it first in its defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+COMPONENTS = ("vision", "projector", "lm")
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class VisionConfig:
+    type: str = "siglip"  # siglip | clip (transformers vision towers)
+    path: Optional[str] = None  # local pretrained directory; dims below are ignored when set
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    # Which hidden state feeds the projector: -1 last layer, -2 penultimate (LLaVA).
+    # Layers after it are dropped from the tower, so nothing is computed or held unused.
+    feature_layer: int = -1
+
+
+@dataclass
+class ProjectorConfig:
+    type: str = "mlp2x_gelu"  # linear | mlp2x_gelu
+
+
+@dataclass
+class LMConfig:
+    type: str = "llama"  # any transformers causal-LM model_type (llama, qwen2, mistral, ...)
+    path: Optional[str] = None  # local pretrained directory; dims below are ignored when set
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: Optional[int] = None
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = False
+    # Any further keyword for the transformers config (e.g. rope_theta, head_dim).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    tokenizer: str = MISSING  # local tokenizer directory (with a chat template)
+    image_token: str = "<image>"
+
+
+# ------------------------------------------------------------------------------ data
+@dataclass
+class DatasetConfig:
+    train: str = MISSING  # LLaVA JSON or JSONL
+    val: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"
+    root: str = MISSING  # image paths in the files are relative to this directory
+    # When set, the data is generated into ``root`` if missing (``shapes`` only for now).
+    generate: Optional[str] = None
+    seed: int = 0
+    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+    # Replace the tokenizer's chat template (a Jinja string with {% generation %} blocks).
+    chat_template: Optional[str] = None
+    num_workers: int = 0
+
+
+# ----------------------------------------------------------------------------- stage
+@dataclass
+class TrainableConfig:
+    vision: bool = False
+    projector: bool = True
+    lm: bool = True
+    # Learning-rate multiplier per component (e.g. vision: 0.5).
+    lr_mult: dict[str, float] = field(
+        default_factory=lambda: {"vision": 1.0, "projector": 1.0, "lm": 1.0}
+    )
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # LoRA adapters on the LM; its base weights stay frozen
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: Optional[float] = 1.0
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    objective: str = "next_token"
+    # Weighted mixture over data.datasets by name, e.g. {vqa: 0.7, caption: 0.3}.
+    mixture: dict[str, float] = field(default_factory=dict)
+    max_length: int = 256
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # Per component: "auto" (pretrained path if the model names one, else fresh),
+    # "fresh", "from:<stage>" (an earlier stage of this run) or a directory
+    # holding an artifact written by an earlier run.
+    init: dict[str, str] = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    max_steps: int = 100
+    batch_size: int = 8  # per device, per micro-batch
+    accumulate: int = 1  # micro-batches per optimizer step
+    val_every: int = 0  # steps between validations; 0 disables
+    val_batches: int = 8
+
+
+# --------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    checkpoint_every: int = 50  # optimizer steps between checkpoints
+    log_every: int = 1
+    num_threads: Optional[int] = None  # torch intra-op threads (CPU); None leaves torch's default
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    type: str = "csv"  # csv | wandb | tensorboard
+    project: str = "vlmtrain"
+    mode: str = "offline"  # wandb: offline unless the user asks for online
+
+
+@dataclass
+class DebugConfig:
+    # Kill the process (SIGKILL, no clean-up) after this optimizer step: tests use it
+    # to interrupt a run the way a pre-empted cluster job is interrupted.
+    kill_after_step: Optional[int] = None
+
+
+@dataclass
+class VLMTrainConfig:
+    run_name: str = "default"
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: Optional[StageConfig] = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+def register_configs() -> None:
+    """Register the root schema; ``conf/config.yaml`` names it first in its defaults."""
+    ConfigStore.instance().store(name="vlmtrain_schema", node=VLMTrainConfig)

@@ -1,0 +1,1 @@
+"""Data: sample files, chat templating with loss masks, images, mixtures, generated data."""

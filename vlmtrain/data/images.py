@@ -1,0 +1,50 @@
+"""Image loading and preprocessing; the number of image tokens comes from the processed pixels.
+
+The count of tokens per image is computed here, from the very tensor that the
+vision tower will see, so the placeholder expansion and the tower cannot
+disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vlmtrain.data.samples import DataError
+
+
+class ImageProcessor:
+    """Wraps a transformers image processor for one vision tower."""
+
+    def __init__(self, processor, patch_size: int, image_root: str | Path):
+        self.processor = processor
+        self.patch_size = patch_size
+        self.image_root = Path(image_root)
+
+    def load(self, rel_path: str, sample_id: str, source: str) -> Image.Image:
+        path = self.image_root / rel_path
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(sample_id, source, f"image {str(path)!r} not found") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(sample_id, source, f"image {str(path)!r} cannot be decoded ({e})") from None
+        if min(image.size) < self.patch_size:
+            raise DataError(
+                sample_id,
+                source,
+                f"image {str(path)!r} is {image.size[0]}x{image.size[1]}, smaller than the "
+                f"{self.patch_size}px patch",
+            )
+        return image
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        """(num_images, 3, H, W) float tensor."""
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def tokens_per_image(self, pixel_values: torch.Tensor) -> int:
+        h, w = pixel_values.shape[-2:]
+        return (h // self.patch_size) * (w // self.patch_size)

@@ -1,0 +1,60 @@
+"""Weighted mixtures of datasets with a fixed, seeded composition.
+
+The mixture is an explicit list of (dataset, index) pairs built once from the
+seed, so the dataloader's stateful sampler alone decides order and position,
+and a resumed run sees exactly the samples an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch.utils.data import Dataset
+
+
+def mixture_indices(
+    sizes: Mapping[str, int], weights: Mapping[str, float], seed: int, total: int | None = None
+) -> list[tuple[str, int]]:
+    """``total`` (default: the sum of the sizes) draws split by weight; each source is
+    walked through seeded permutations, so a small source repeats only once exhausted."""
+    names = [n for n, w in weights.items() if w > 0]
+    if not names:
+        raise ValueError("the mixture has no dataset with a positive weight")
+    total = total or sum(sizes[n] for n in names)
+    weight_sum = sum(weights[n] for n in names)
+    counts = {n: int(round(total * weights[n] / weight_sum)) for n in names}
+    out: list[tuple[str, int]] = []
+    for name in names:
+        rng = random.Random(f"{seed}-{name}")
+        order: list[int] = []
+        while len(order) < counts[name]:
+            perm = list(range(sizes[name]))
+            rng.shuffle(perm)
+            order.extend(perm)
+        out.extend((name, i) for i in order[: counts[name]])
+    return out
+
+
+class MixtureDataset(Dataset):
+    """Encodes samples of several datasets on access; ``encode`` does all checking."""
+
+    def __init__(
+        self,
+        sources: Mapping[str, Sequence[dict[str, Any]]],
+        weights: Mapping[str, float],
+        encode,
+        seed: int,
+        total: int | None = None,
+    ):
+        self.sources = sources
+        self.encode = encode
+        self.index = mixture_indices({n: len(s) for n, s in sources.items()}, weights, seed, total)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        name, j = self.index[i]
+        return self.encode(self.sources[name][j])

@@ -1,0 +1,76 @@
+"""The LightningDataModule of a stage: its mixture, encoded on the fly, via stateful loaders.
+
+Train batches come from torchdata's ``StatefulDataLoader``, whose position is
+saved in every checkpoint, so a resumed run continues with the very next batch.
+One train batch holds ``batch_size * accumulate`` samples: one optimizer step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from vlmtrain.config import DataConfig, StageConfig
+from vlmtrain.data.encode import SampleEncoder, collate
+from vlmtrain.data.mixture import MixtureDataset
+from vlmtrain.data.samples import load_samples
+
+
+class StageDataModule(L.LightningDataModule):
+    def __init__(self, data: DataConfig, stage: StageConfig, encoder: SampleEncoder, seed: int):
+        super().__init__()
+        self.data = data
+        self.stage = stage
+        self.encoder = encoder
+        self.seed = seed
+        self.collate = partial(collate, pad_token_id=encoder.tokenizer.pad_token_id)
+        unknown = sorted(set(stage.mixture) - set(data.datasets))
+        if not stage.mixture:
+            raise ValueError(f"stage.mixture of stage {stage.name!r} is empty")
+        if unknown:
+            raise ValueError(
+                f"stage.mixture names {unknown}, which data={data.name!r} does not define "
+                f"(data.datasets has {sorted(data.datasets)})"
+            )
+
+    def _mixture(self, split: str, total: int | None = None) -> MixtureDataset | None:
+        sources = {}
+        for name, weight in self.stage.mixture.items():
+            path = getattr(self.data.datasets[name], split)
+            if weight > 0:
+                if path is None:
+                    return None
+                sources[name] = load_samples(path)
+        return MixtureDataset(sources, self.stage.mixture, self.encoder, self.seed, total)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = self._mixture("train")
+        step_samples = self.stage.batch_size * self.stage.accumulate
+        if len(self.train_set) < step_samples:
+            raise ValueError(
+                f"the training mixture has {len(self.train_set)} samples, fewer than one step "
+                f"(stage.batch_size * stage.accumulate = {step_samples})"
+            )
+        self.val_set = None
+        if self.stage.val_every:
+            self.val_set = self._mixture("val", self.stage.val_batches * self.stage.batch_size)
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return StatefulDataLoader(
+            self.train_set,
+            batch_size=self.stage.batch_size * self.stage.accumulate,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=self.collate,
+            num_workers=self.data.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.stage.batch_size, collate_fn=self.collate)

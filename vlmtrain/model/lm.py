@@ -1,0 +1,62 @@
+"""Language model and tokenizer: any transformers causal LM, from a config or a local directory."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from vlmtrain.config import LMConfig, ModelConfig
+
+
+def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """Load the tokenizer from a local directory and add the image placeholder token."""
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
+    if chat_template:
+        tok.chat_template = chat_template
+    if cfg.image_token not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [cfg.image_token]})
+    if tok.pad_token_id is None:
+        raise ValueError(
+            f"tokenizer at {cfg.tokenizer!r} has no pad token; set one in its tokenizer_config.json"
+        )
+    if tok.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer at {cfg.tokenizer!r} has no eos (end-of-turn) token; generation could not stop"
+        )
+    return tok
+
+
+def lm_config_from_dims(cfg: LMConfig, vocab_size: int):
+    return AutoConfig.for_model(
+        cfg.type,
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        **dict(cfg.extra),
+    )
+
+
+def build_lm(
+    cfg: LMConfig, tokenizer: PreTrainedTokenizerBase, *, device: str | torch.device | None = None
+) -> PreTrainedModel:
+    """Build (random init) or load the LM, then size its embeddings to the tokenizer."""
+    if cfg.path:
+        lm = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True)
+    else:
+        with torch.device(device or "cpu"):
+            lm = AutoModelForCausalLM.from_config(lm_config_from_dims(cfg, len(tokenizer)))
+    if lm.get_input_embeddings().num_embeddings < len(tokenizer):
+        # New rows start at the mean of the old ones (transformers' default), not at noise.
+        lm.resize_token_embeddings(len(tokenizer))
+    return lm

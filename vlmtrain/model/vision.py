@@ -1,0 +1,136 @@
+"""Vision towers: transformers SigLIP / CLIP vision models, from a config or a local directory.
+
+The tower is cut at the configured feature layer, so layers after it (and the
+pooling head / post-layernorm, which the token features never pass through)
+are neither computed nor left as unused parameters, which would break DDP.
+Feature semantics follow transformers' Llava: the features of layer ``k`` are
+``hidden_states[k]`` of the uncut tower, with the class token dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PretrainedConfig,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from vlmtrain.config import VisionConfig
+
+# type -> (config class, model class, whether the sequence starts with a class token)
+_TOWERS = {
+    "siglip": (SiglipVisionConfig, SiglipVisionModel, False),
+    "clip": (CLIPVisionConfig, CLIPVisionModel, True),
+}
+# The attribute under which each config keeps how many layers the tower was cut to.
+CUT_ATTR = "vlmtrain_feature_layers"
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """What the rest of the model needs to know about a tower's output."""
+
+    hidden_size: int
+    image_size: int
+    patch_size: int
+    has_class_token: bool
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class VisionTower(nn.Module):
+    """Wraps a transformers vision model; ``forward`` returns patch features (B, N, D)."""
+
+    def __init__(self, model: nn.Module, has_class_token: bool):
+        super().__init__()
+        self.model = model
+        self.has_class_token = has_class_token
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    def spec(self) -> VisionSpec:
+        c = self.config
+        return VisionSpec(c.hidden_size, c.image_size, c.patch_size, self.has_class_token)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(pixel_values=pixel_values.to(self.model.dtype)).last_hidden_state
+        return hidden[:, 1:] if self.has_class_token else hidden
+
+
+def _config_from_dims(cfg: VisionConfig) -> PretrainedConfig:
+    config_cls, _, _ = _TOWERS[cfg.type]
+    kwargs = dict(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+    )
+    if cfg.type == "siglip":
+        kwargs["vision_use_head"] = False
+    return config_cls(**kwargs)
+
+
+def _cut(model: nn.Module, feature_layer: int) -> None:
+    """Keep the layers up to ``feature_layer`` (Llava's hidden_states index) and drop the rest."""
+    layers = model.encoder.layers
+    total = len(layers)
+    # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
+    keep = feature_layer if feature_layer >= 0 else total + 1 + feature_layer
+    if not 1 <= keep <= total:
+        raise ValueError(
+            f"model.vision.feature_layer={feature_layer} is out of range for a tower with {total} layers"
+        )
+    model.encoder.layers = nn.ModuleList(list(layers)[:keep])
+    model.config.num_hidden_layers = keep
+    setattr(model.config, CUT_ATTR, keep)
+    # Token features skip the post-layernorm (Llava reads hidden_states) and the pooling head.
+    model.post_layernorm = nn.Identity()
+    if getattr(model, "head", None) is not None:
+        model.head = None
+        model.use_head = False
+        model.config.vision_use_head = False
+
+
+def build_vision_tower(cfg: VisionConfig, *, device: str | torch.device | None = None) -> VisionTower:
+    """Build a tower from dimensions (random init) or load it from ``cfg.path``."""
+    if cfg.type not in _TOWERS:
+        raise ValueError(f"model.vision.type={cfg.type!r}: expected one of {sorted(_TOWERS)}")
+    _, model_cls, has_cls = _TOWERS[cfg.type]
+    if cfg.path:
+        model = model_cls.from_pretrained(cfg.path, local_files_only=True)
+    else:
+        with torch.device(device or "cpu"):
+            model = model_cls(_config_from_dims(cfg))
+    _cut(model, cfg.feature_layer)
+    return VisionTower(model, has_cls)
+
+
+def build_image_processor(cfg: VisionConfig, spec: VisionSpec):
+    """The transformers PIL image processor matching the tower (no torchvision needed)."""
+    size = spec.image_size
+    if cfg.type == "siglip":
+        kwargs = dict(size={"height": size, "width": size})
+        cls = SiglipImageProcessorPil
+    else:
+        kwargs = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        cls = CLIPImageProcessorPil
+    if cfg.path:
+        try:
+            return cls.from_pretrained(cfg.path, local_files_only=True, **kwargs)
+        except OSError:
+            pass  # a tower directory without preprocessor_config.json: use the defaults
+    return cls(**kwargs)

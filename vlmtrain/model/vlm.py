@@ -1,0 +1,125 @@
+"""The assembled vision-language model.
+
+Submodule names follow transformers' Llava (``vision_tower``,
+``multi_modal_projector``, ``language_model``) so export is a renaming, not a
+conversion. Image features replace the embeddings of the image placeholder
+tokens, one feature vector per placeholder position.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from vlmtrain.config import ModelConfig
+from vlmtrain.model.lm import build_lm
+from vlmtrain.model.projector import build_projector
+from vlmtrain.model.vision import VisionSpec, build_vision_tower
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(
+        self,
+        vision_tower: nn.Module,
+        multi_modal_projector: nn.Module,
+        language_model: nn.Module,
+        image_token_id: int,
+    ):
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.multi_modal_projector = multi_modal_projector
+        self.language_model = language_model
+        self.image_token_id = image_token_id
+
+    @classmethod
+    def build(
+        cls,
+        cfg: ModelConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        device: str | torch.device | None = None,
+    ) -> VisionLanguageModel:
+        vision = build_vision_tower(cfg.vision, device=device)
+        lm = build_lm(cfg.lm, tokenizer, device=device)
+        with torch.device(device or "cpu"):
+            projector = build_projector(
+                cfg.projector.type, vision.spec().hidden_size, lm.config.hidden_size
+            )
+        image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
+        return cls(vision, projector, lm, image_token_id)
+
+    # --------------------------------------------------------------------- structure
+    def components(self) -> dict[str, nn.Module]:
+        """The trainable units a stage reasons about, by the names used in configs."""
+        return {
+            "vision": self.vision_tower,
+            "projector": self.multi_modal_projector,
+            "lm": self.language_model,
+        }
+
+    @property
+    def vision_spec(self) -> VisionSpec:
+        return self.vision_tower.spec()
+
+    # ----------------------------------------------------------------------- forward
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(num_images, tokens_per_image, d_lm)"""
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id
+        n_positions = int(is_image.sum())
+        if pixel_values is None or pixel_values.numel() == 0:
+            if n_positions:
+                raise ValueError(f"batch has {n_positions} image positions but no images")
+            return embeds
+        features = self.image_features(pixel_values)
+        features = features.reshape(-1, features.shape[-1])
+        if n_positions != features.shape[0]:
+            # The data pipeline checks this per sample; reaching here means a caller bypassed it.
+            raise ValueError(
+                f"batch has {n_positions} image positions but its images give "
+                f"{features.shape[0]} feature vectors"
+            )
+        return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return the LM logits (B, L, V)."""
+        embeds = self.embed(input_ids, pixel_values)
+        out = self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return out.logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        *,
+        max_new_tokens: int,
+        eos_token_id: int,
+        pad_token_id: int,
+    ) -> torch.Tensor:
+        """Greedy decoding from left-padded prompts; returns only the new tokens."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.language_model.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )

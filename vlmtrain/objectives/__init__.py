@@ -1,0 +1,1 @@
+"""LightningModules, one per objective; every stage is one of them plus configuration."""

@@ -1,0 +1,169 @@
+"""Next-token prediction: the objective behind lm_pretrain, align, multitask and SFT stages.
+
+One dataloader batch is one optimizer step for this rank; the module splits it
+into micro-batches itself (manual optimization) so that the loss is normalized
+by the supervised tokens of the whole step, across micro-batches and ranks:
+how a batch is split never changes the loss or the gradient.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+
+from vlmtrain.config import StageConfig
+from vlmtrain.data.chat import IGNORE_INDEX
+from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.objectives.optim import build_optimizer, param_groups, warmup_cosine
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of each position predicting the next supervised token."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def micro_batches(batch: dict, size: int):
+    """Split a step batch into micro-batches of ``size`` samples, images following their samples."""
+    n = batch["input_ids"].shape[0]
+    counts = batch["image_counts"]
+    image_start = torch.cumsum(torch.cat([counts.new_zeros(1), counts]), 0)
+    for lo in range(0, n, size):
+        hi = min(n, lo + size)
+        pixels = batch["pixel_values"]
+        if pixels is not None:
+            pixels = pixels[image_start[lo] : image_start[hi]]
+            pixels = pixels if pixels.shape[0] else None
+        yield {
+            "input_ids": batch["input_ids"][lo:hi],
+            "labels": batch["labels"][lo:hi],
+            "attention_mask": batch["attention_mask"][lo:hi],
+            "pixel_values": pixels,
+        }
+
+
+class NextTokenModule(L.LightningModule):
+    def __init__(self, model: VisionLanguageModel, stage: StageConfig):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+        self.automatic_optimization = False
+        self._last_step_end: float | None = None
+        self._val_sums: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self):
+        groups = param_groups(self.model.components(), self.stage.optim, self.stage.trainable)
+        optimizer = build_optimizer(groups, self.stage.optim)
+        factor = warmup_cosine(
+            self.stage.max_steps, self.stage.optim.warmup_ratio, self.stage.optim.min_lr_ratio
+        )
+        scheduler = LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: dict, batch_idx: int):
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        world = self.trainer.world_size
+        local_tokens = supervised_tokens(batch["labels"])
+        step_tokens = self.trainer.strategy.reduce(local_tokens.float(), reduce_op="sum")
+        if step_tokens == 0:
+            raise RuntimeError(f"step {self.global_step}: no supervised token in the batch {batch['ids']}")
+        # DDP averages gradients over ranks; scaling by world/step_tokens makes the
+        # result the per-token mean over the whole step.
+        scale = world / step_tokens
+        loss_sum = torch.zeros((), device=self.device)
+        for mb in micro_batches(batch, self.stage.batch_size):
+            logits = self.model(mb["input_ids"], mb["attention_mask"], mb["pixel_values"])
+            mb_loss = token_loss_sum(logits, mb["labels"])
+            if mb["pixel_values"] is None and world > 1:
+                mb_loss = mb_loss + self._touch_image_path()
+            self.manual_backward(mb_loss * scale)
+            loss_sum += mb_loss.detach()
+
+        if self.global_step == 0:
+            self._check_every_trainable_has_grad()
+        if self.stage.optim.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.stage.optim.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum") / step_tokens
+        self._log_step(loss, batch, scheduler.get_last_lr()[0])
+        return loss
+
+    def _touch_image_path(self) -> torch.Tensor:
+        """A rank whose batch holds no image must still produce gradients (zeros) for the
+        trainable vision/projector parameters, or DDP waits forever for them."""
+        if not any(p.requires_grad for m in (self.model.vision_tower, self.model.multi_modal_projector) for p in m.parameters()):
+            return torch.zeros((), device=self.device)
+        spec = self.model.vision_spec
+        dummy = torch.zeros(1, 3, spec.image_size, spec.image_size, device=self.device)
+        return 0.0 * self.model.image_features(dummy).sum()
+
+    def _check_every_trainable_has_grad(self) -> None:
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise RuntimeError(
+                f"{len(missing)} trainable parameters got no gradient at the first step: {shown}. "
+                "Freeze them (stage.trainable) or check the forward path."
+            )
+
+    def _log_step(self, loss: torch.Tensor, batch: dict, lr: float) -> None:
+        now = time.perf_counter()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=1)
+        self.log("train/lr", lr, on_step=True, batch_size=1)
+        if self._last_step_end is not None:
+            dt = now - self._last_step_end
+            world = self.trainer.world_size
+            tokens = float(batch["attention_mask"].sum()) * world
+            samples = float(batch["input_ids"].shape[0]) * world
+            self.log("perf/step_time_s", dt, on_step=True, batch_size=1)
+            self.log("perf/tokens_per_s", tokens / dt, on_step=True, batch_size=1)
+            self.log("perf/samples_per_s", samples / dt, on_step=True, batch_size=1)
+        self._last_step_end = now
+
+    # -------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int):
+        logits = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        self._val_sums.append(
+            torch.stack([token_loss_sum(logits, batch["labels"]).detach(), supervised_tokens(batch["labels"]).float()])
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_sums:
+            return
+        total = self.trainer.strategy.reduce(torch.stack(self._val_sums).sum(0), reduce_op="sum")
+        self._val_sums.clear()
+        self.log("val/loss", total[0] / total[1], prog_bar=True, batch_size=1)
+
+    # ---------------------------------------------------- RNG state, for exact resume
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["vlmtrain_rng"] = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("vlmtrain_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])

@@ -1,0 +1,213 @@
+"""Run one stage: assemble the model, initialize its components, train, write the artifact.
+
+This is the training entry every stage goes through; the objective-specific
+logic lives in ``vlmtrain.objectives``. Re-running a stage resumes it from its
+last checkpoint; a stage whose artifact exists is finished and is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from vlmtrain.artifacts import config_hash, load_component, read_manifest, save_artifact
+from vlmtrain.config import COMPONENTS
+from vlmtrain.data.chat import check_chat_template
+from vlmtrain.data.encode import SampleEncoder
+from vlmtrain.data.images import ImageProcessor
+from vlmtrain.data.module import StageDataModule
+from vlmtrain.loggers import build_logger
+from vlmtrain.model.freezing import apply_trainable, parameter_table
+from vlmtrain.model.lm import load_tokenizer
+from vlmtrain.model.vision import build_image_processor
+from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.objectives.next_token import NextTokenModule
+
+console = Console()
+OBJECTIVES = {"next_token": NextTokenModule}
+
+
+def prepare_data(cfg: DictConfig) -> None:
+    """Generate the configured synthetic data if it is not there yet."""
+    if cfg.data.generate == "shapes":
+        from vlmtrain.data.shapes import ShapesConfig, ensure_shapes
+
+        ensure_shapes(cfg.data.root, ShapesConfig(seed=cfg.data.seed))
+    elif cfg.data.generate:
+        raise ValueError(f"data.generate={cfg.data.generate!r}: only 'shapes' can be generated")
+
+
+def resolve_init(stage: DictConfig, model_cfg: DictConfig, run_dir: Path) -> dict[str, str | Path]:
+    """component -> 'fresh' | 'pretrained' | artifact directory."""
+    unknown = sorted(set(stage.init) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"stage.init names unknown components {unknown}; expected {list(COMPONENTS)}")
+    out: dict[str, str | Path] = {}
+    for name in COMPONENTS:
+        spec = str(stage.init.get(name, "auto"))
+        path_key = {"vision": "vision", "lm": "lm"}.get(name)
+        has_path = bool(path_key and model_cfg[path_key].path)
+        if spec == "auto":
+            out[name] = "pretrained" if has_path else "fresh"
+        elif spec == "fresh":
+            out[name] = "fresh"
+        elif spec.startswith("from:"):
+            source = run_dir / spec[len("from:") :] / "artifact"
+            if not (source / "manifest.json").is_file():
+                raise FileNotFoundError(
+                    f"stage.init.{name}={spec!r}: that stage has no artifact at {source} "
+                    "(it has not finished in this run)"
+                )
+            out[name] = source
+        else:
+            read_manifest(Path(spec))  # fails clearly when it is not an artifact
+            out[name] = Path(spec)
+    return out
+
+
+def build_model(cfg: DictConfig, run_dir: Path):
+    """Tokenizer, model with initialized components, and the init plan (for the manifest)."""
+    init = resolve_init(cfg.stage, cfg.model, run_dir)
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
+    check_chat_template(tokenizer)
+    model = VisionLanguageModel.build(cfg.model, tokenizer)
+    for name, source in init.items():
+        if isinstance(source, Path):
+            load_component(model.components()[name], name, source)
+    return tokenizer, model, init
+
+
+class KillAfterStep(Callback):
+    """Debug: SIGKILL the process after a given optimizer step, as a pre-emption would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
+    """Train ``cfg.stage`` in ``run_dir/<stage name>``; return its artifact directory."""
+    stage = cfg.stage
+    stage_dir = Path(run_dir) / stage.name
+    artifact_dir = stage_dir / "artifact"
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    digest = config_hash({k: resolved[k] for k in ("model", "data", "stage", "seed")})
+    if (artifact_dir / "manifest.json").is_file():
+        done = read_manifest(artifact_dir)
+        if done.get("config_hash") != digest:
+            raise RuntimeError(
+                f"stage {stage.name!r} already finished in {stage_dir} with a different config "
+                f"(hash {done.get('config_hash')} vs {digest}). Use another run_name, or delete "
+                f"{artifact_dir} (and {stage_dir / 'checkpoints'}) to train it again."
+            )
+        console.print(f"[bold]stage {stage.name}[/] already finished: {artifact_dir}")
+        return artifact_dir
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    prepare_data(cfg)
+    tokenizer, model, init = build_model(cfg, run_dir)
+    apply_trainable(model, stage.trainable, stage.lora)
+    _print_start(stage, model, init)
+
+    spec = model.vision_spec
+    encoder = SampleEncoder(
+        tokenizer,
+        ImageProcessor(build_image_processor(cfg.model.vision, spec), spec.patch_size, cfg.data.root),
+        cfg.model.image_token,
+        stage.max_length,
+    )
+    datamodule = StageDataModule(cfg.data, stage, encoder, cfg.seed)
+    module = OBJECTIVES[stage.objective](model, stage)
+
+    ckpt_dir = stage_dir / "checkpoints"
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.trainer.checkpoint_every, save_last=True, save_top_k=0)
+    ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(RichProgressBar())
+    if cfg.debug.kill_after_step:
+        callbacks.append(KillAfterStep(cfg.debug.kill_after_step))
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        max_steps=stage.max_steps,
+        max_epochs=-1,
+        logger=build_logger(cfg, stage_dir),
+        callbacks=callbacks,
+        log_every_n_steps=cfg.trainer.log_every,
+        val_check_interval=stage.val_every or None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=stage.val_batches if stage.val_every else 0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        deterministic=cfg.trainer.deterministic,
+        default_root_dir=stage_dir,
+    )
+    last = ckpt_dir / "last.ckpt"
+    if last.is_file():
+        console.print(f"[bold]stage {stage.name}[/]: resuming from {last}")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    elapsed = time.perf_counter() - start
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics.update(
+        steps=trainer.global_step,
+        wall_time_s=elapsed,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    if torch.cuda.is_available():
+        metrics["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if trainer.is_global_zero:
+        save_artifact(
+            model,
+            tokenizer,
+            artifact_dir,
+            {
+                "stage": stage.name,
+                "objective": stage.objective,
+                "config_hash": digest,
+                "config": resolved,
+                "init": {k: str(v) for k, v in init.items()},
+                "metrics": metrics,
+            },
+        )
+    _print_end(stage, metrics, artifact_dir, stage_dir)
+    return artifact_dir
+
+
+@rank_zero_only
+def _print_start(stage: DictConfig, model: VisionLanguageModel, init: dict[str, Any]) -> None:
+    sources = ", ".join(f"{k}: {v}" for k, v in init.items())
+    console.print(f"[bold]stage {stage.name}[/] ({stage.objective}); init {sources}")
+    console.print(parameter_table(model, title=f"stage {stage.name}: parameters"))
+
+
+@rank_zero_only
+def _print_end(stage: DictConfig, metrics: dict[str, float], artifact_dir: Path, stage_dir: Path) -> None:
+    loss = metrics.get("train/loss")
+    console.print(
+        f"[bold]stage {stage.name}[/] done: {metrics['steps']} steps in {metrics['wall_time_s']:.1f}s"
+        + (f", final loss {loss:.4f}" if loss is not None else "")
+        + f", peak RSS {metrics['peak_rss_mb']:.0f} MB\n  artifact: {artifact_dir}\n  logs: {stage_dir / 'logs'}"
+    )
