@@ -6,7 +6,9 @@ overrides work); ``vlmtrain generate-shapes ...`` writes the shapes data set.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -19,11 +21,29 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 register_configs()
 
+# Known-harmless noise from dependencies; everything else still shows.
+for pattern in (
+    ".*set_vital.*",
+    ".*LeafSpec.*",
+    ".*pre-optimization state.*",
+    ".*litlogger.*",
+    ".*Experiment logs directory.*",
+):
+    warnings.filterwarnings("ignore", message=pattern)
+
+
+def _quiet_lightning() -> None:
+    """Lightning installs its own console handler; Hydra already logs to console and
+    file, so without this every Lightning line shows twice."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def train_main(cfg: DictConfig) -> None:
     from vlmtrain.train import run_stage
 
+    _quiet_lightning()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.stage is None:
         raise ValueError("no stage selected: pass stage=<name> (e.g. stage=align)")

@@ -107,6 +107,17 @@ class LoraConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where each component's weights come from: "auto" (the model's pretrained path if
+    it names one, else fresh), "fresh", "from:<stage>" (an earlier stage of this run) or
+    a directory holding an artifact written by an earlier run."""
+
+    vision: str = "auto"
+    projector: str = "auto"
+    lm: str = "auto"
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -125,10 +136,7 @@ class StageConfig:
     max_length: int = 256
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # Per component: "auto" (pretrained path if the model names one, else fresh),
-    # "fresh", "from:<stage>" (an earlier stage of this run) or a directory
-    # holding an artifact written by an earlier run.
-    init: dict[str, str] = field(default_factory=dict)
+    init: InitConfig = field(default_factory=InitConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     max_steps: int = 100
     batch_size: int = 8  # per device, per micro-batch
@@ -160,13 +168,6 @@ class LoggerConfig:
 
 
 @dataclass
-class DebugConfig:
-    # Kill the process (SIGKILL, no clean-up) after this optimizer step: tests use it
-    # to interrupt a run the way a pre-empted cluster job is interrupted.
-    kill_after_step: Optional[int] = None
-
-
-@dataclass
 class VLMTrainConfig:
     run_name: str = "default"
     output_dir: str = "runs"
@@ -176,7 +177,6 @@ class VLMTrainConfig:
     stage: Optional[StageConfig] = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def register_configs() -> None:

@@ -14,9 +14,9 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +143,8 @@ def _validate(cfg: ShapesConfig) -> None:
     bad = [p for p in cfg.holdout if tuple(p) not in _all_pairs()]
     if bad:
         raise ValueError(f"holdout pairs not in the world: {bad}")
-    if not 2 <= cfg.max_objects <= 6:
-        raise ValueError("max_objects must be in 2..6 (position questions need two objects)")
+    if not 2 <= cfg.max_objects < len(_all_pairs()) - len(cfg.holdout):
+        raise ValueError("need 2 <= max_objects < number of non-held-out colour-shape pairs")
     if min(cfg.small, cfg.large) < 3 or max(cfg.small, cfg.large) + 2 * MARGIN > cfg.canvas:
         raise ValueError("shape sizes must be >= 3 px and fit inside the canvas")
 
@@ -171,19 +171,16 @@ def _place(rng: random.Random, cfg: ShapesConfig, specs: list[tuple[str, str, st
 
 def _gap(a: Obj, b: Obj) -> int:
     """Free pixels between two boxes along the axis that separates them most (<= 0: overlap)."""
-    return max(b.x0 - a.x0 - a.side, a.x0 - b.x0 - b.side, b.y0 - a.y0 - a.side, a.y0 - b.y0 - b.side)
+    return max(
+        b.x0 - a.x0 - a.side, a.x0 - b.x0 - b.side, b.y0 - a.y0 - a.side, a.y0 - b.y0 - b.side
+    )
 
 
 def _scene(
-    rng: random.Random,
-    cfg: ShapesConfig,
-    first: Pair,
-    n: int,
-    pool: Sequence[Pair],
-    ok: Callable[[Pair], bool] = lambda p: True,
+    rng: random.Random, cfg: ShapesConfig, first: Pair, n: int, pool: list[Pair]
 ) -> list[Obj]:
-    """Scene with `first` plus n-1 distinct pairs from `pool` satisfying `ok`."""
-    pairs = [first, *rng.sample([p for p in pool if p != first and ok(p)], n - 1)]
+    """Scene with `first` plus n-1 other distinct pairs drawn from `pool`."""
+    pairs = [first, *rng.sample([p for p in pool if p != first], n - 1)]
     rng.shuffle(pairs)  # random placement order so `first` is not biased in position
     return _place(rng, cfg, [(c, s, rng.choice(SIZES)) for c, s in pairs])
 
@@ -222,20 +219,20 @@ def _vqa_one(
     cfg: ShapesConfig,
     qtype: str,
     answer: str,
-    tpool: Sequence[Pair],
-    opool: Sequence[Pair],
+    tpool: list[Pair],
+    opool: list[Pair],
 ) -> tuple[list[Obj], list[Pair]] | None:
     """Build a scene whose answer to `qtype` is `answer`; returns (objects, asked pairs) or None."""
     n = rng.randint(1, cfg.max_objects)
     if qtype == "colour":
         shape = rng.choice([s for c, s in tpool if c == answer])
-        objs = _scene(rng, cfg, (answer, shape), n, opool, lambda p: p[1] != shape)
+        objs = _scene(rng, cfg, (answer, shape), n, [p for p in opool if p[1] != shape])
         return objs, [(answer, shape)]
     if qtype == "shape":
         colour = rng.choice([c for c, s in tpool if s == answer])
-        objs = _scene(rng, cfg, (colour, answer), n, opool, lambda p: p[0] != colour)
+        objs = _scene(rng, cfg, (colour, answer), n, [p for p in opool if p[0] != colour])
         return objs, [(colour, answer)]
-    first = rng.choice(list(tpool))
+    first = rng.choice(tpool)
     if qtype == "count":
         objs = _scene(rng, cfg, first, int(answer), opool)
         return objs, [o.pair for o in objs]
@@ -285,7 +282,7 @@ def _candidates(
     return out
 
 
-def _text_line(rng: random.Random, cfg: ShapesConfig, allowed: Sequence[Pair]) -> str:
+def _text_line(rng: random.Random, cfg: ShapesConfig, allowed: list[Pair]) -> str:
     """True statements (or one QA pair) about a random, unrendered in-distribution scene."""
     objs = _scene(rng, cfg, rng.choice(allowed), rng.randint(1, cfg.max_objects), allowed)
     qa = _candidates(rng, cfg, objs, allowed)
@@ -305,239 +302,198 @@ def _text_line(rng: random.Random, cfg: ShapesConfig, allowed: Sequence[Pair]) -
     return " ".join(rng.sample(facts, min(len(facts), rng.randint(1, 3))))
 
 
-def _convo(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    conv: list[dict[str, str]] = []
-    for k, (q, a) in enumerate(turns):
-        conv.append({"from": "human", "value": ("<image>\n" + q) if k == 0 else q})
-        conv.append({"from": "gpt", "value": a})
-    return conv
-
-
-def _build_split(cfg: ShapesConfig, split: str) -> tuple[dict[str, list[dict[str, Any]]], list]:
-    """Samples per output file and render jobs (relative image path, objects) for one split."""
-    allowed = [p for p in _all_pairs() if p not in {tuple(h) for h in cfg.holdout}]
-    unseen = split == "test_unseen"
-    tpool = [tuple(h) for h in cfg.holdout] if unseen else allowed
-    opool = _all_pairs() if unseen else allowed
-    train = split == "train"
-
-    def rng_for(kind: str) -> random.Random:
-        # One stream per (split, kind): changing n_chat does not reshuffle the VQA data.
-        return random.Random(f"{cfg.seed}-{split}-{kind}")
-
-    files: dict[str, list[dict[str, Any]]] = {}
+def _build_split(cfg: ShapesConfig, split: str) -> tuple[dict[str, list[dict]], list]:
+    """Samples per output file, and render jobs (image path, objects), for one split."""
+    held = [tuple(h) for h in cfg.holdout]  # a list, not a set: iteration order must be fixed
+    allowed = [p for p in _all_pairs() if p not in held]
+    unseen, train = split == "test_unseen", split == "train"
+    tpool = held if unseen else allowed  # pairs questions are about
+    opool = _all_pairs() if unseen else allowed  # pairs for the other objects
+    files: dict[str, list[dict]] = {}
     jobs: list[tuple[str, list[Obj]]] = []
 
-    def base(kind: str, k: int, objs: list[Obj]) -> dict[str, Any]:
+    def rng_for(kind: str) -> random.Random:
+        # One stream per (split, kind): changing n_chat_train leaves the VQA data unchanged.
+        return random.Random(f"{cfg.seed}-{split}-{kind}")
+
+    def sample(kind: str, k: int, objs: list[Obj], turns: list[tuple[str, str]], **extra: Any):
         sid = f"{kind}-{split}-{k:06d}"
         jobs.append((f"images/{split}/{sid}.png", objs))
-        return {"id": sid, "image": f"images/{split}/{sid}.png"}
+        conv = []
+        for i, (q, a) in enumerate(turns):  # <image> exactly once, in the first human turn
+            conv += [
+                {"from": "human", "value": "<image>\n" * (i == 0) + q},
+                {"from": "gpt", "value": a},
+            ]
+        objects = [o.to_json() for o in objs]
+        return {"id": sid, "image": jobs[-1][0], "conversations": conv, **extra, "objects": objects}
 
-    rng = rng_for("vqa")
-    raw: list[tuple[str, str, list[Obj], list[Pair]]] = []
+    rng, raw = rng_for("vqa"), []
     for qtype in QUESTION_TYPES:
         answers = _feasible(qtype, cfg, tpool)
         for k in range(cfg.n_train if train else cfg.n_eval):
-            answer = answers[k % len(answers)]  # cycling keeps answers balanced
-            built = None
-            while built is None:
+            answer, built = answers[k % len(answers)], None  # cycling keeps answers balanced
+            while built is None:  # rejection sampling: retry scenes that cannot give `answer`
                 built = _vqa_one(rng, cfg, qtype, answer, tpool, opool)
-            raw.append((qtype, answer, *built))
+            raw.append((qtype, _question(qtype, built[1]), answer, *built))
     rng.shuffle(raw)
-    vqa = []
-    for k, (qtype, answer, objs, about) in enumerate(raw):
-        q = _question(qtype, about)
-        s = base("vqa", k, objs)
-        s.update(conversations=_convo([(q, answer)]), type=qtype, question=q, answer=answer)
-        s.update(about=[list(p) for p in about], objects=[o.to_json() for o in objs])
-        vqa.append(s)
-    files[f"vqa_{split}.json"] = vqa
+    files[f"vqa_{split}.json"] = [
+        sample("vqa", k, objs, [(q, a)], type=t, question=q, answer=a, about=[list(p) for p in ab])
+        for k, (t, q, a, objs, ab) in enumerate(raw)
+    ]
 
-    rng = rng_for("caption")
-    caps = []
+    rng, caps = rng_for("caption"), []
     for k in range(cfg.n_captions_train if train else cfg.n_eval):
         objs = _scene(rng, cfg, rng.choice(tpool), rng.randint(1, cfg.max_objects), opool)
-        prompt, cap = rng.choice(CAPTION_PROMPTS), caption_of(objs)
-        s = base("cap", k, objs)
-        s.update(conversations=_convo([(prompt, cap)]), type="caption", question=prompt)
-        s.update(answer=cap, objects=[o.to_json() for o in objs])
-        caps.append(s)
+        q, a = rng.choice(CAPTION_PROMPTS), caption_of(objs)
+        caps.append(sample("cap", k, objs, [(q, a)], type="caption", question=q, answer=a))
     files[f"caption_{split}.json"] = caps
     if unseen:
         return files, jobs
 
-    rng = rng_for("chat")
-    chats = []
+    rng, chats = rng_for("chat"), []
     for k in range(cfg.n_chat_train if train else cfg.n_eval // 2):
         objs = _scene(rng, cfg, rng.choice(allowed), rng.randint(1, cfg.max_objects), allowed)
         cands = _candidates(rng, cfg, objs, allowed)
-        prompt = rng.choice(CAPTION_PROMPTS)
-        cands.append(("caption", prompt, caption_of(objs), ()))
+        cands.append(("caption", rng.choice(CAPTION_PROMPTS), caption_of(objs), ()))
         rng.shuffle(cands)
         n_turns, chosen = rng.randint(2, 4), []
-        for mixed in (True, False):  # first one question per type, then fill up
+        for mixed in (True, False):  # first at most one question per type, then fill up
             for c in cands:
-                if len(chosen) < n_turns and c not in chosen:
-                    if not mixed or c[0] not in {x[0] for x in chosen}:
-                        chosen.append(c)
-        s = base("chat", k, objs)
-        s.update(conversations=_convo([(c[1], c[2]) for c in chosen]))
-        s.update(types=[c[0] for c in chosen], answers=[c[2] for c in chosen])
-        s.update(objects=[o.to_json() for o in objs])
-        chats.append(s)
+                new_type = c[0] not in {x[0] for x in chosen}
+                if len(chosen) < n_turns and c not in chosen and (new_type or not mixed):
+                    chosen.append(c)
+        turns = [(c[1], c[2]) for c in chosen]
+        types, answers = [c[0] for c in chosen], [c[2] for c in chosen]
+        chats.append(sample("chat", k, objs, turns, types=types, answers=answers))
     files[f"chat_{split}.json"] = chats
 
     rng = rng_for("text")
-    n_text = cfg.n_text_train if train else cfg.n_eval
-    texts = [
+    files[f"text_{split}.jsonl"] = [
         {"id": f"text-{split}-{k:06d}", "text": _text_line(rng, cfg, allowed)}
-        for k in range(n_text)
+        for k in range(cfg.n_text_train if train else cfg.n_eval)
     ]
-    files[f"text_{split}.jsonl"] = texts
     return files, jobs
 
 
-def _train_texts(files: dict[str, list[dict[str, Any]]]) -> list[str]:
+def _train_texts(files: dict[str, list[dict]]) -> list[str]:
     """Everything the model reads or writes in train, without the <image> placeholder."""
     out: list[str] = []
-    for samples in files.values():
-        for s in samples:
-            if "text" in s:
-                out.append(s["text"])
-            for turn in s.get("conversations", []):
-                out.append(turn["value"].replace("<image>\n", ""))
+    for s in (s for samples in files.values() for s in samples):
+        turns = [t["value"].replace("<image>\n", "") for t in s.get("conversations", [])]
+        out += [s["text"]] if "text" in s else turns
     return out
 
 
 def _config_json(cfg: ShapesConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as stored in meta.json
+    """The config as stored in meta.json (plain lists, so OmegaConf containers compare too)."""
+    return {**asdict(cfg), "holdout": [[str(c), str(s)] for c, s in cfg.holdout]}
 
 
-def generate_shapes(out_dir: str | Path, cfg: ShapesConfig = ShapesConfig()) -> Path:
-    """Generate the dataset into `out_dir` atomically (temp sibling dir, then rename)."""
+def _write_all(tmp: Path, cfg: ShapesConfig) -> None:
     from vlmtrain.data.tokenizer import train_tokenizer  # keeps `import shapes` light
 
+    counts, jobs = {}, []
+    for split in SPLITS if cfg.holdout else SPLITS[:3]:  # no hold-out: no test_unseen
+        (tmp / "images" / split).mkdir(parents=True)
+        files, split_jobs = _build_split(cfg, split)
+        jobs += split_jobs
+        for name, samples in files.items():
+            lines = [json.dumps(s) for s in samples]  # one sample per line: C encoder, greppable
+            body = "\n".join(lines) if name.endswith("l") else "[\n" + ",\n".join(lines) + "\n]"
+            (tmp / name).write_text(body + "\n")
+            counts[name] = len(samples)
+        if split == "train":
+            train_tokenizer(_train_texts(files), tmp / "tokenizer")
+
+    def render(chunk: list[tuple[str, list[Obj]]]) -> None:
+        for path, objs in chunk:
+            render_scene(objs, cfg.canvas).save(tmp / path, format="PNG")
+
+    # Threads: PNG zlib and file I/O release the GIL, and there are no fork/spawn pitfalls.
+    n = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        list(pool.map(render, [jobs[i::n] for i in range(n)]))
+    answers = answers_for(cfg)
+    meta = {
+        "generator": "shapes",
+        "version": VERSION,
+        "config": _config_json(cfg),
+        "counts": counts,
+        "chance": {t: 1 / len(answers[t]) for t in QUESTION_TYPES},
+        "answers": answers,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # last: marks completion
+
+
+def _generate(out: Path, cfg: ShapesConfig, replace: bool) -> Path:
     _validate(cfg)
-    out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
-        raise ValueError(
-            f"{out} is not empty and holds no shapes dataset; refusing to overwrite it"
-        )
+        raise ValueError(f"{out} is not empty and holds no shapes dataset; not overwriting it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp, old = out.parent / f".{out.name}.tmp-{tag}", out.parent / f".{out.name}.old-{tag}"
     try:
-        counts: dict[str, int] = {}
-        all_jobs: list[tuple[str, list[Obj]]] = []
-        for split in SPLITS:
-            (tmp / "images" / split).mkdir(parents=True)
-            files, jobs = _build_split(cfg, split)
-            all_jobs += jobs
-            for name, samples in files.items():
-                with open(tmp / name, "w") as f:
-                    if name.endswith(".jsonl"):
-                        f.writelines(json.dumps(s) + "\n" for s in samples)
-                    else:
-                        json.dump(samples, f, indent=1)
-                counts[name] = len(samples)
-            if split == "train":
-                train_tokenizer(_train_texts(files), tmp / "tokenizer")
-
-        def render(job: tuple[str, list[Obj]]) -> None:
-            render_scene(job[1], cfg.canvas).save(tmp / job[0], format="PNG")
-
-        # Threads: PNG zlib and file I/O release the GIL; no fork/spawn pitfalls.
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            list(pool.map(render, all_jobs, chunksize=256))
-        answers = answers_for(cfg)
-        meta = {
-            "generator": "shapes",
-            "version": VERSION,
-            "config": _config_json(cfg),
-            "counts": counts,
-            "chance": {t: 1 / len(answers[t]) for t in QUESTION_TYPES},
-            "answers": answers,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks completeness
-        if out.exists():  # replace a previous dataset (or an empty dir)
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
+        _write_all(tmp, cfg)
+        if out.exists() and (replace or not (out / "meta.json").exists()):
+            os.rename(out, old)  # rename cannot replace a non-empty directory
+        try:
             os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        except OSError:
+            if replace or not (out / "meta.json").exists():
+                raise  # else a concurrent ensure_shapes published first; caller re-checks
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
-def _check_meta(out: Path, cfg: ShapesConfig) -> bool:
-    """True if `out` holds a dataset for `cfg`; raises if it holds one for another config."""
-    meta_path = out / "meta.json"
-    if not meta_path.exists():
+def generate_shapes(out_dir: str | Path, cfg: ShapesConfig = ShapesConfig()) -> Path:
+    """(Re)generate the dataset in `out_dir`, atomically: temp sibling dir, then rename."""
+    return _generate(Path(out_dir), cfg, replace=True)
+
+
+def _matches(out: Path, cfg: ShapesConfig) -> bool:
+    """True if `out` holds the dataset for `cfg`; raises if it holds one for another config."""
+    if not (out / "meta.json").exists():
         return False
-    meta = json.loads(meta_path.read_text())
-    if meta.get("version") == VERSION and meta.get("config") == _config_json(cfg):
+    meta, want = json.loads((out / "meta.json").read_text()), _config_json(cfg)
+    if meta.get("version") == VERSION and meta.get("config") == want:
         return True
-    old = meta.get("config", {})
-    diff = sorted(
-        k for k in set(old) | set(_config_json(cfg)) if old.get(k) != _config_json(cfg).get(k)
-    )
+    have = meta.get("config", {})
+    diff = sorted(k for k in want if have.get(k) != want[k]) or ["version"]
     raise ValueError(
-        f"{out} holds a shapes dataset (version {meta.get('version')}) generated with a different "
-        f"config (differs in: {', '.join(diff) or 'version'}); delete {out} to regenerate it, "
-        f"or point the data root at another directory"
+        f"{out} holds a shapes dataset generated with a different config (differs in: "
+        f"{', '.join(diff)}); delete {out} to regenerate it, or use another data root"
     )
 
 
 def ensure_shapes(out_dir: str | Path, cfg: ShapesConfig = ShapesConfig()) -> Path:
     """Generate unless `out_dir` already holds the dataset for exactly this config."""
     out = Path(out_dir)
-    if _check_meta(out, cfg):
-        return out
-    try:
-        return generate_shapes(out, cfg)
-    except OSError:
-        # A concurrent process (e.g. another rank) may have published it first.
-        if _check_meta(out, cfg):
-            return out
-        raise
+    if not _matches(out, cfg):
+        _generate(out, cfg, replace=False)
+        _matches(out, cfg)  # raises if a concurrent writer used another config
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = ShapesConfig()
     p = argparse.ArgumentParser(description="Generate the synthetic shapes VLM dataset.")
     p.add_argument("--out", required=True, help="output directory")
-    for name in (
-        "seed",
-        "canvas",
-        "small",
-        "large",
-        "max_objects",
-        "n_train",
-        "n_eval",
-        "n_captions_train",
-        "n_chat_train",
-        "n_text_train",
-    ):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    p.add_argument(
-        "--holdout",
-        default=",".join(f"{c}:{s}" for c, s in d.holdout),
-        help="held-out colour:shape pairs, comma separated (empty for none)",
-    )
-    p.add_argument("--force", action="store_true", help="regenerate even if the dataset exists")
-    args = p.parse_args(argv)
-    holdout = tuple(tuple(x.split(":", 1)) for x in args.holdout.split(",") if x)
-    cfg = ShapesConfig(
-        holdout=holdout,  # type: ignore[arg-type]
-        **{k: v for k, v in vars(args).items() if k not in ("out", "holdout", "force")},
-    )
+    for f in fields(ShapesConfig):
+        if f.name != "holdout":
+            p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default)
+    held = ",".join(f"{c}:{s}" for c, s in ShapesConfig().holdout)
+    p.add_argument("--holdout", default=held, help="colour:shape pairs, comma separated")
+    p.add_argument("--force", action="store_true", help="regenerate even if it already exists")
+    args = vars(p.parse_args(argv))
+    out_dir, force = args.pop("out"), args.pop("force")
+    args["holdout"] = tuple(tuple(x.split(":", 1)) for x in args["holdout"].split(",") if x)
     t0 = time.perf_counter()
-    out = (generate_shapes if args.force else ensure_shapes)(args.out, cfg)
-    meta = json.loads((out / "meta.json").read_text())
+    out = (generate_shapes if force else ensure_shapes)(out_dir, ShapesConfig(**args))
     print(f"shapes dataset at {out} ({time.perf_counter() - t0:.1f} s)")
-    for name, n in meta["counts"].items():
-        print(f"  {name:24s} {n:7d}")
+    for name, n in json.loads((out / "meta.json").read_text())["counts"].items():
+        print(f"  {name:26s} {n:6d}")
     return 0
 
 

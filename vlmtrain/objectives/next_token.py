@@ -154,11 +154,13 @@ class NextTokenModule(L.LightningModule):
         self.log("val/loss", total[0] / total[1], prog_bar=True, batch_size=1)
 
     # ---------------------------------------------------- RNG state, for exact resume
+    # Stored as tensors and plain Python values so checkpoints load with weights_only=True.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["vlmtrain_rng"] = {
             "torch": torch.get_rng_state(),
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -166,4 +168,5 @@ class NextTokenModule(L.LightningModule):
         if rng:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

@@ -1,0 +1,117 @@
+"""The command line as a user runs it: print config, train, kill, resume, sweep."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def vlmtrain(args: list[str], cwd: Path, env: dict | None = None, check: bool = True):
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmtrain.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vlmtrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def base_args(shapes_root: Path, out: Path) -> list[str]:
+    return [
+        f"data.root={shapes_root}",
+        "data.generate=null",
+        f"output_dir={out}",
+        "trainer.progress_bar=false",
+        "trainer.num_threads=1",
+        "stage.batch_size=4",
+        "stage.accumulate=2",
+    ]
+
+
+def losses(metrics_csv: Path) -> dict[int, tuple[str, str]]:
+    """step -> (loss, lr) as logged; a step logged twice (redone after a kill) keeps the last."""
+    out = {}
+    with metrics_csv.open() as f:
+        for row in csv.DictReader(f):
+            if row.get("train/loss"):
+                out[int(row["step"])] = (row["train/loss"], row["train/lr"])
+    return out
+
+
+def test_cfg_job_prints_composed_config(shapes_root, tmp_path):
+    proc = vlmtrain(["stage=align", "stage.optim.lr=0.25", "--cfg", "job"], cwd=tmp_path)
+    assert "name: align" in proc.stdout
+    assert "lr: 0.25" in proc.stdout
+
+
+def test_unknown_key_fails_naming_it(tmp_path):
+    proc = vlmtrain(["stage.learning_rate=1"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "learning_rate" in proc.stderr
+
+
+def test_kill_and_rerun_resumes_exactly(shapes_root, tmp_path):
+    """A run SIGKILLed mid-stage and started again with the same command reproduces the
+    uninterrupted run's loss and learning rate at every step, bit for bit."""
+    args = [*base_args(shapes_root, tmp_path), "stage=sft", "stage.max_steps=8", "trainer.checkpoint_every=3"]
+    vlmtrain([*args, "run_name=straight"], cwd=tmp_path)
+
+    killed = vlmtrain(
+        [*args, "run_name=killed"], cwd=tmp_path, env={"VLMTRAIN_KILL_AFTER_STEP": "5"}, check=False
+    )
+    assert killed.returncode != 0, "the kill hook did not fire"
+    stage_dir = tmp_path / "killed" / "sft"
+    assert (stage_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not (stage_dir / "artifact").exists()
+
+    resumed = vlmtrain([*args, "run_name=killed"], cwd=tmp_path)
+    assert "resuming from" in resumed.stdout
+
+    want = losses(tmp_path / "straight" / "sft" / "logs" / "csv" / "metrics.csv")
+    got = losses(stage_dir / "logs" / "csv" / "metrics.csv")
+    assert len(want) == 8
+    assert got == want
+
+    again = vlmtrain([*args, "run_name=killed"], cwd=tmp_path)
+    assert "already finished" in again.stdout
+    changed = vlmtrain([*args, "run_name=killed", "stage.optim.lr=0.01"], cwd=tmp_path, check=False)
+    assert changed.returncode != 0 and "different config" in changed.stderr
+
+
+def test_align_then_sft_takes_projector_by_reference(shapes_root, tmp_path):
+    args = [*base_args(shapes_root, tmp_path), "run_name=chain", "stage.max_steps=2"]
+    vlmtrain([*args, "stage=align"], cwd=tmp_path)
+    vlmtrain([*args, "stage=sft", "stage.init.projector=from:align"], cwd=tmp_path)
+    import json
+
+    manifest = json.loads((tmp_path / "chain" / "sft" / "artifact" / "manifest.json").read_text())
+    assert manifest["init"]["projector"].endswith("align/artifact")
+    missing = vlmtrain([*args, "stage=sft", "run_name=other", "stage.init.lm=from:lm_pretrain"], cwd=tmp_path, check=False)
+    assert missing.returncode != 0 and "lm_pretrain" in missing.stderr
+
+
+def test_multirun_sweep_one_directory_per_job(shapes_root, tmp_path):
+    args = [*base_args(shapes_root, tmp_path), "run_name=sweep", "stage=align", "stage.max_steps=2"]
+    vlmtrain(["-m", *args, "stage.optim.lr=0.001,0.002"], cwd=tmp_path)
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "align" / "artifact").is_dir())
+    assert len(jobs) == 2
+    assert any("0.001" in j for j in jobs) and any("0.002" in j for j in jobs)
+
+
+@pytest.mark.slow
+def test_lora_sft_stage_runs(shapes_root, tmp_path):
+    args = [*base_args(shapes_root, tmp_path), "run_name=lora", "stage=sft", "stage.max_steps=3", "stage.lora.enabled=true"]
+    vlmtrain(args, cwd=tmp_path)
+    assert (tmp_path / "lora" / "sft" / "artifact" / "lm.safetensors").is_file()
