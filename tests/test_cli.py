@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -94,7 +95,6 @@ def test_align_then_sft_takes_projector_by_reference(shapes_root, tmp_path):
     args = [*base_args(shapes_root, tmp_path), "run_name=chain", "stage.max_steps=2"]
     vlmtrain([*args, "stage=align"], cwd=tmp_path)
     vlmtrain([*args, "stage=sft", "stage.init.projector=from:align"], cwd=tmp_path)
-    import json
 
     manifest = json.loads((tmp_path / "chain" / "sft" / "artifact" / "manifest.json").read_text())
     assert manifest["init"]["projector"].endswith("align/artifact")
@@ -105,9 +105,10 @@ def test_align_then_sft_takes_projector_by_reference(shapes_root, tmp_path):
 def test_multirun_sweep_one_directory_per_job(shapes_root, tmp_path):
     args = [*base_args(shapes_root, tmp_path), "run_name=sweep", "stage=align", "stage.max_steps=2"]
     vlmtrain(["-m", *args, "stage.optim.lr=0.001,0.002"], cwd=tmp_path)
-    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "align" / "artifact").is_dir())
-    assert len(jobs) == 2
-    assert any("0.001" in j for j in jobs) and any("0.002" in j for j in jobs)
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if (p / "align" / "artifact").is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]
+    lrs = [json.loads((j / "align" / "artifact" / "manifest.json").read_text())["config"]["stage"]["optim"]["lr"] for j in jobs]
+    assert lrs == [0.001, 0.002]
 
 
 @pytest.mark.slow

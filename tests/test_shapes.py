@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from transformers import AutoTokenizer
 
 from vlmtrain.data import shapes as S
 from vlmtrain.data.shapes import ShapesConfig, ensure_shapes, generate_shapes
@@ -63,7 +64,11 @@ def test_layout_and_meta(ds: Path) -> None:
     assert meta["chance"] == pytest.approx(
         {"colour": 1 / 6, "shape": 1 / 3, "count": 1 / 3, "exist": 1 / 2, "position": 1 / 4}
     )
-    assert (ds / "tokenizer" / "tokenizer.json").exists()
+    assert meta["chance_test_unseen"]["colour"] == meta["chance_test_unseen"]["exist"] == 1 / 2
+    tok = AutoTokenizer.from_pretrained(ds / "tokenizer")  # trained on the train text
+    question = load(ds, "vqa_train.json")[0]["question"]
+    assert tok.decode(tok.encode(question)) == question
+    assert len(tok.encode(question)) < len(question) // 2
     assert not [p for p in ds.parent.iterdir() if p.name != ds.name]  # no temp dirs left
 
 

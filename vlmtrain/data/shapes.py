@@ -423,6 +423,9 @@ def _write_all(tmp: Path, cfg: ShapesConfig) -> None:
         "chance": {t: 1 / len(answers[t]) for t in QUESTION_TYPES},
         "answers": answers,
     }
+    if cfg.holdout:  # test_unseen asks only about held-out pairs, so fewer answers are possible
+        held = [tuple(h) for h in cfg.holdout]
+        meta["chance_test_unseen"] = {t: 1 / len(_feasible(t, cfg, held)) for t in QUESTION_TYPES}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # last: marks completion
 
 
