@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model as load_safetensors_into
+from safetensors.torch import save_model
 from torch import nn
 
 from vlmtrain.model.vlm import VisionLanguageModel
@@ -107,9 +108,29 @@ def load_component(module: nn.Module, name: str, artifact_dir: Path) -> None:
             f"component {name!r} from {str(artifact_dir)!r} does not fit the configured model:\n  "
             + "\n  ".join(problems)
         )
-    missing, unexpected = load_model(module, str(path), strict=False)
+    missing, unexpected = load_safetensors_into(module, str(path), strict=False)
     if missing or unexpected:
         raise ValueError(
             f"component {name!r} from {str(artifact_dir)!r}: missing {sorted(missing)}, "
             f"unexpected {sorted(unexpected)}"
         )
+
+
+def load_model(artifact_dir: Path, device: str = "cpu"):
+    """Rebuild the model an artifact was trained as, with its weights and tokenizer."""
+    from omegaconf import OmegaConf
+
+    from vlmtrain.config import ModelConfig
+    from vlmtrain.model.lm import load_tokenizer
+
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), manifest["config"]["model"])
+    model_cfg.tokenizer = str(artifact_dir / "tokenizer")
+    # The architecture comes from the recorded config (a pretrained path, if it named
+    # one, must still exist); every weight is then replaced by the artifact's.
+    tokenizer = load_tokenizer(model_cfg)
+    model = VisionLanguageModel.build(model_cfg, tokenizer, device=device)
+    for name, module in model.components().items():
+        load_component(module, name, artifact_dir)
+    return model.eval(), tokenizer, model_cfg

@@ -41,16 +41,14 @@ def _quiet_lightning() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def train_main(cfg: DictConfig) -> None:
-    from vlmtrain.train import run_stage
+    from vlmtrain.recipe import run_recipe
 
     _quiet_lightning()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.stage is None:
-        raise ValueError("no stage selected: pass stage=<name> (e.g. stage=align)")
-    run_stage(cfg, run_dir)
+    run_recipe(cfg, run_dir)
 
 
-SUBCOMMANDS = {"generate-shapes": "vlmtrain.data.shapes"}
+SUBCOMMANDS = {"generate-shapes": "vlmtrain.data.shapes", "eval": "vlmtrain.eval.cli"}
 
 
 def main() -> None:

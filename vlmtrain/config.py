@@ -143,6 +143,9 @@ class StageConfig:
     accumulate: int = 1  # micro-batches per optimizer step
     val_every: int = 0  # steps between validations; 0 disables
     val_batches: int = 8
+    # Held-out splits evaluated (greedy generation, exact match) when the stage ends.
+    eval_splits: list[str] = field(default_factory=list)
+    eval_limit: Optional[int] = None  # samples per split; None = all
 
 
 # --------------------------------------------------------------------------- trainer
@@ -174,7 +177,13 @@ class VLMTrainConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    # One stage on its own (stage=<name>) ...
     stage: Optional[StageConfig] = None
+    # ... or a recipe (recipe=<name>): named stages, run in order, joined by artifacts.
+    recipe: Optional[str] = None
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    # Print the plan (stages, parameters, tokens, memory) without training.
+    plan: bool = False
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 

@@ -72,16 +72,15 @@ def resolve_init(stage: DictConfig, model_cfg: DictConfig, run_dir: Path) -> dic
     return out
 
 
-def build_model(cfg: DictConfig, run_dir: Path):
-    """Tokenizer, model with initialized components, and the init plan (for the manifest)."""
-    init = resolve_init(cfg.stage, cfg.model, run_dir)
+def build_model(cfg: DictConfig, init: dict[str, str | Path]):
+    """Tokenizer and model, each component initialized as ``init`` (see resolve_init) says."""
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
     check_chat_template(tokenizer)
     model = VisionLanguageModel.build(cfg.model, tokenizer)
     for name, source in init.items():
         if isinstance(source, Path):
             load_component(model.components()[name], name, source)
-    return tokenizer, model, init
+    return tokenizer, model
 
 
 # Tests set this to interrupt a run exactly as a pre-empted cluster job is, while the
@@ -106,23 +105,28 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     stage_dir = Path(run_dir) / stage.name
     artifact_dir = stage_dir / "artifact"
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    digest = config_hash({k: resolved[k] for k in ("model", "data", "stage", "seed")})
+    init = resolve_init(stage, cfg.model, run_dir)
+    # A stage is "the same" when its config and the artifacts it starts from are.
+    sources = {k: read_manifest(v)["config_hash"] for k, v in init.items() if isinstance(v, Path)}
+    digest = config_hash({**{k: resolved[k] for k in ("model", "data", "stage", "seed")}, "sources": sources})
     if (artifact_dir / "manifest.json").is_file():
         done = read_manifest(artifact_dir)
         if done.get("config_hash") != digest:
             raise RuntimeError(
                 f"stage {stage.name!r} already finished in {stage_dir} with a different config "
-                f"(hash {done.get('config_hash')} vs {digest}). Use another run_name, or delete "
-                f"{artifact_dir} (and {stage_dir / 'checkpoints'}) to train it again."
+                f"or different source artifacts (hash {done.get('config_hash')} vs {digest}). "
+                f"Use another run_name, or delete {artifact_dir} (and {stage_dir / 'checkpoints'}) "
+                "to train it again."
             )
         console.print(f"[bold]stage {stage.name}[/] already finished: {artifact_dir}")
+        evaluate_if_asked(cfg, artifact_dir, stage_dir)
         return artifact_dir
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     prepare_data(cfg)
-    tokenizer, model, init = build_model(cfg, run_dir)
+    tokenizer, model = build_model(cfg, init)
     apply_trainable(model, stage.trainable, stage.lora)
     _print_start(stage, model, init)
 
@@ -174,6 +178,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(
         steps=trainer.global_step,
+        tokens_seen=module.tokens_seen,
         wall_time_s=elapsed,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
@@ -194,7 +199,21 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
             },
         )
     _print_end(stage, metrics, artifact_dir, stage_dir)
+    evaluate_if_asked(cfg, artifact_dir, stage_dir)
     return artifact_dir
+
+
+@rank_zero_only
+def evaluate_if_asked(cfg: DictConfig, artifact_dir: Path, stage_dir: Path) -> None:
+    """Evaluate the stage's artifact on its eval splits, once (results are kept)."""
+    if not cfg.stage.eval_splits or (stage_dir / "eval" / "eval.json").is_file():
+        return
+    from vlmtrain.eval import evaluate_artifact, write_report
+
+    results = evaluate_artifact(
+        artifact_dir, cfg.data.root, splits=tuple(cfg.stage.eval_splits), limit=cfg.stage.eval_limit
+    )
+    write_report(results, stage_dir / "eval")
 
 
 @rank_zero_only

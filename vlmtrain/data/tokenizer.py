@@ -42,8 +42,7 @@ def train_tokenizer(
     texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1000
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts`, save it to `out_dir` and return it."""
-    # Materialise and sort-free copy: the trainer consumes the iterable once, and a
-    # list lets us append the chat scaffolding so "\n", "assistant" etc. get merges.
+    # Add the chat-template role lines so "assistant\n" etc. get merges of their own.
     corpus = list(texts)
     corpus.extend(["system\n", "user\n", "assistant\n"])
 

@@ -64,6 +64,7 @@ class NextTokenModule(L.LightningModule):
         self.automatic_optimization = False
         self._last_step_end: float | None = None
         self._val_sums: list[torch.Tensor] = []
+        self.tokens_seen = 0  # non-padding tokens (text + image) over all ranks
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self):
@@ -104,6 +105,7 @@ class NextTokenModule(L.LightningModule):
         scheduler.step()
 
         loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum") / step_tokens
+        self.tokens_seen += int(batch["attention_mask"].sum()) * world
         self._log_step(loss, batch, scheduler.get_last_lr()[0])
         return loss
 
@@ -162,8 +164,10 @@ class NextTokenModule(L.LightningModule):
             "python": random.getstate(),
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
         }
+        checkpoint["vlmtrain_tokens_seen"] = self.tokens_seen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tokens_seen = checkpoint.get("vlmtrain_tokens_seen", 0)
         rng = checkpoint.get("vlmtrain_rng")
         if rng:
             torch.set_rng_state(rng["torch"])

@@ -1,0 +1,26 @@
+"""Evaluation of trained artifacts on the shapes splits (``vlmtrain eval``)."""
+
+from vlmtrain.eval.report import format_table, write_report
+from vlmtrain.eval.shapes_eval import (
+    EvalSample,
+    build_prompt,
+    chance_levels,
+    evaluate_artifact,
+    evaluate_split,
+    predict,
+    read_eval_samples,
+    score,
+)
+
+__all__ = [
+    "EvalSample",
+    "build_prompt",
+    "chance_levels",
+    "evaluate_artifact",
+    "evaluate_split",
+    "format_table",
+    "predict",
+    "read_eval_samples",
+    "score",
+    "write_report",
+]

@@ -1,0 +1,40 @@
+"""eval.json (everything, for scripts) and eval.md (one table, for people)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table: one row per (split, question type), then the split's overall row."""
+    lines = ["| split | type | accuracy | chance | n |", "|---|---|---:|---:|---:|"]
+    for split, res in results.items():
+        for qtype, row in res["per_type"].items():
+            lines.append(f"| {split} | {qtype} | {_pct(row['accuracy'])} | {_pct(row['chance'])} | {row['n']} |")
+        overall = res["overall"]
+        lines.append(f"| {split} | **overall** | **{_pct(overall['accuracy'])}** | | {overall['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``eval.json`` and ``eval.md`` into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "eval.json", out / "eval.md"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    examples = []
+    for split, res in results.items():
+        for ex in res.get("examples", []):
+            # Examples show what the model actually says, which a bare accuracy hides.
+            examples.append(f"- {split} `{ex['id']}`: {ex['question']!r} → {ex['prediction']!r} (expected {ex['answer']!r})")
+    body = "# Evaluation\n\n" + format_table(results)
+    if examples:
+        body += "\n## Examples\n\n" + "\n".join(examples) + "\n"
+    md_path.write_text(body)
+    return json_path, md_path

@@ -1,0 +1,280 @@
+"""Exact-match evaluation of a trained model on the shapes VQA and caption splits.
+
+Prompts are built exactly as training builds its inputs (the tokenizer's chat
+template, each ``<image>`` placeholder expanded to one token per image patch by
+the training code's own ``_expand``), so an evaluation number measures the
+model, not a mismatch between how it was trained and how it is asked.
+Generation is greedy over left-padded batches; prompts are sorted by length
+first so each batch carries as little padding as possible.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from vlmtrain.data.chat import render_prompt
+from vlmtrain.data.encode import _expand
+from vlmtrain.data.images import ImageProcessor
+from vlmtrain.data.samples import DataError, _records, normalize
+from vlmtrain.data.shapes import ANSWERS
+
+N_EXAMPLES = 5
+# Captions run to a few dozen tokens; VQA answers are a word or two.
+CAPTION_MAX_NEW_TOKENS = 48
+
+
+@dataclass
+class EvalSample:
+    id: str
+    type: str
+    question: str
+    answer: str
+    images: list[str]
+    messages: list[dict[str, str]]  # the conversation up to (not including) the scored answer
+
+
+def read_eval_samples(path: str | Path, limit: int | None = None) -> list[EvalSample]:
+    """Samples with the reference answer and question type kept.
+
+    ``load_samples`` normalizes records to the training schema and so drops the
+    shapes-specific ``type``/``answer`` fields; the same ``normalize`` is used
+    here so the conversation is parsed exactly as in training.
+    """
+    path = Path(path)
+    records = _records(path)
+    if limit is not None:
+        records = records[:limit]
+    default_type = "caption" if path.name.startswith("caption") else "all"
+    out = []
+    for i, rec in enumerate(records):
+        s = normalize(rec, i, str(path))
+        msgs = s["messages"]
+        last = max((k for k, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
+        if last < 0:
+            raise DataError(s["id"], str(path), "no assistant turn to score against")
+        answer = rec.get("answer", msgs[last]["content"])
+        user = [m["content"] for m in msgs[:last] if m["role"] == "user"]
+        question = rec.get("question") or (user[-1].replace("<image>", "").strip() if user else "")
+        out.append(
+            EvalSample(s["id"], str(rec.get("type", default_type)), question, str(answer), s["images"], msgs[:last])
+        )
+    return out
+
+
+def build_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    image_token_id: int,
+    tokens_per_image: int,
+    n_images: int,
+    sample_id: str = "?",
+    source: str = "?",
+) -> list[int]:
+    """Prompt ids ending in the assistant header, image placeholders expanded."""
+    ids = render_prompt(tokenizer, messages)
+    n_placeholders = ids.count(image_token_id)
+    if n_placeholders != n_images:
+        raise DataError(sample_id, source, f"{n_placeholders} image placeholders but {n_images} images")
+    ids, _ = _expand(ids, [0] * len(ids), image_token_id, tokens_per_image)
+    return ids
+
+
+def chance_levels(data_root: str | Path, split: str) -> dict[str, float | None]:
+    """Chance accuracy per question type for ``split``.
+
+    ``meta.json`` is preferred: it knows the data's ``max_objects`` and has a
+    separate table for ``test_unseen``, where only held-out pairs are asked
+    about and so fewer answers are possible.
+    """
+    meta_path = Path(data_root) / "meta.json"
+    table: dict[str, float | None] = {t: 1 / len(a) for t, a in ANSWERS.items()}
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        table = {**table, **meta.get(f"chance_{split}", meta.get("chance", {}))}
+    table["caption"] = None  # free text: no meaningful chance level
+    return table
+
+
+def _split_of(samples_path: Path) -> str:
+    """'vqa_test_unseen.json' -> 'test_unseen'."""
+    stem = samples_path.name.split(".")[0]
+    return stem.split("_", 1)[1] if "_" in stem else stem
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, new_ids: list[int], eos: int) -> str:
+    # Cut at the first end-of-turn: skip_special_tokens alone would splice text
+    # generated after a stray special token onto the answer.
+    if eos in new_ids:
+        new_ids = new_ids[: new_ids.index(eos)]
+    return tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+
+
+def predict(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    images: ImageProcessor,
+    samples: list[EvalSample],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    source: str = "?",
+) -> list[str]:
+    """Greedy predictions for ``samples``, in their order."""
+    device = _device(model)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts: list[list[int]] = []
+    pixels: list[torch.Tensor | None] = []
+    for s in samples:
+        pv = images([images.load(p, s.id, source) for p in s.images]) if s.images else None
+        per_image = images.tokens_per_image(pv) if pv is not None else 0
+        prompts.append(
+            build_prompt(tokenizer, s.messages, model.image_token_id, per_image, len(s.images), s.id, source)
+        )
+        pixels.append(pv)
+    order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
+    preds = [""] * len(samples)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        length = max(len(prompts[i]) for i in idx)
+        input_ids = torch.full((len(idx), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), length), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(prompts[i])
+            input_ids[row, length - n :] = torch.tensor(prompts[i])  # left padding
+            mask[row, length - n :] = 1
+        batch_pixels = [pixels[i] for i in idx if pixels[i] is not None]
+        pv = torch.cat(batch_pixels).to(device) if batch_pixels else None
+        with torch.no_grad():
+            new = model.generate(
+                input_ids.to(device),
+                mask.to(device),
+                pv,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+        for row, i in enumerate(idx):
+            preds[i] = _decode(tokenizer, new[row].tolist(), eos)
+    return preds
+
+
+def score(
+    samples: list[EvalSample], predictions: list[str], chance: dict[str, float | None]
+) -> dict[str, Any]:
+    """Exact match (after stripping whitespace), overall and per question type."""
+    per: dict[str, list[int]] = {}
+    for s, p in zip(samples, predictions, strict=True):
+        per.setdefault(s.type, []).append(int(p == s.answer.strip()))
+    hits = [h for v in per.values() for h in v]
+    return {
+        "overall": {"accuracy": sum(hits) / len(hits) if hits else 0.0, "n": len(hits)},
+        "per_type": {
+            t: {"accuracy": sum(v) / len(v), "n": len(v), "chance": chance.get(t)}
+            for t, v in sorted(per.items())
+        },
+        "examples": [
+            {"id": s.id, "type": s.type, "question": s.question, "answer": s.answer, "prediction": p}
+            for s, p in list(zip(samples, predictions))[:N_EXAMPLES]
+        ],
+    }
+
+
+def evaluate_split(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor: Any,
+    samples_path: str | Path,
+    image_root: str | Path,
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    limit: int | None = None,
+    chance: dict[str, float | None] | None = None,
+) -> dict[str, Any]:
+    """Generate and score one sample file (VQA or captions).
+
+    ``image_processor`` is either what ``build_image_processor`` returns or a
+    ``vlmtrain`` ``ImageProcessor``; images are read relative to ``image_root``.
+    ``chance`` defaults to the table for the file's split from ``meta.json`` next to it.
+    """
+    samples_path = Path(samples_path)
+    if isinstance(image_processor, ImageProcessor):
+        images = ImageProcessor(image_processor.processor, image_processor.patch_size, image_root)
+    else:
+        images = ImageProcessor(image_processor, model.vision_spec.patch_size, image_root)
+    if chance is None:
+        chance = chance_levels(samples_path.parent, _split_of(samples_path))
+    samples = read_eval_samples(samples_path, limit)
+    t0 = time.perf_counter()
+    preds = predict(
+        model,
+        tokenizer,
+        images,
+        samples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        source=str(samples_path),
+    )
+    result = score(samples, preds, chance)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def evaluate_artifact(
+    artifact_dir: str | Path,
+    data_root: str | Path,
+    splits: tuple[str, ...] | list[str] = ("test", "test_unseen"),
+    limit: int | None = None,
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    caption_max_new_tokens: int = CAPTION_MAX_NEW_TOKENS,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """{split: VQA result, "caption_<split>": caption result (when that file exists)}."""
+    from vlmtrain.artifacts import load_model
+    from vlmtrain.model.vision import build_image_processor
+
+    data_root = Path(data_root)
+    for split in splits:  # fail before loading the model
+        if not (data_root / f"vqa_{split}.json").is_file() and not (data_root / f"caption_{split}.json").is_file():
+            raise FileNotFoundError(f"split {split!r}: neither vqa_{split}.json nor caption_{split}.json in {data_root}")
+    model, tokenizer, model_cfg = load_model(Path(artifact_dir), device=device)
+    model.eval()
+    processor = build_image_processor(model_cfg.vision, model.vision_spec)
+    results: dict[str, Any] = {}
+    with torch.no_grad():
+        for split in splits:
+            chance = chance_levels(data_root, split)
+            for kind, key, n_new in (
+                ("vqa", split, max_new_tokens),
+                ("caption", f"caption_{split}", caption_max_new_tokens),
+            ):
+                path = data_root / f"{kind}_{split}.json"
+                if path.is_file():
+                    results[key] = evaluate_split(
+                        model,
+                        tokenizer,
+                        processor,
+                        path,
+                        data_root,
+                        batch_size=batch_size,
+                        max_new_tokens=n_new,
+                        limit=limit,
+                        chance=chance,
+                    )
+    return results
