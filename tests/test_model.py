@@ -25,7 +25,7 @@ from vlmtrain.model.vision import VisionSpec, build_image_processor, build_visio
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.next_token import NextTokenModule, supervised_tokens, token_loss_sum
 from vlmtrain.objectives.optim import build_optimizer, param_groups, warmup_cosine
-from vlmtrain.train import build_model
+from vlmtrain.train import build_model, resolve_init
 
 COMBOS = {
     "siglip-llama": (),
@@ -85,6 +85,11 @@ def tensor_hashes(module: nn.Module) -> dict[str, str]:
         k: hashlib.sha256(v.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
         for k, v in module.state_dict().items()
     }
+
+
+def build_from_config(cfg, run_dir):
+    """What a stage does before training: resolve ``stage.init`` and build the model."""
+    return build_model(cfg, resolve_init(cfg.stage, cfg.model, run_dir))
 
 
 # ------------------------------------------------------------------ 1. forward shapes
@@ -454,7 +459,7 @@ def test_artifact_with_other_dims_fails_before_training(compose, tokenizer, tmp_
 
     small = compose("model.lm.hidden_size=32", f"++stage.init.lm={out}")
     with pytest.raises(ValueError) as info:
-        build_model(small, tmp_path / "run")
+        build_from_config(small, tmp_path / "run")
     msg = str(info.value)
     assert "component 'lm'" in msg
     for key in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"):
@@ -486,7 +491,7 @@ def test_artifact_lacking_a_component_is_named(compose, tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="'projector'"):
         load_component(fresh.multi_modal_projector, "projector", out)
     with pytest.raises(FileNotFoundError, match="'projector'"):
-        build_model(compose(f"++stage.init.projector={out}"), tmp_path / "run")
+        build_from_config(compose(f"++stage.init.projector={out}"), tmp_path / "run")
 
 
 def test_lora_artifact_is_merged_into_plain_lm_weights(compose, tokenizer, tmp_path):

@@ -45,6 +45,11 @@ def train_main(cfg: DictConfig) -> None:
 
     _quiet_lightning()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.plan:
+        from vlmtrain.plan import plan_recipe
+
+        plan_recipe(cfg)
+        return
     run_recipe(cfg, run_dir)
 
 

@@ -48,6 +48,8 @@ class LMConfig:
     num_attention_heads: int = 4
     num_key_value_heads: Optional[int] = None
     max_position_embeddings: int = 512
+    # The tokenizer's size decides; this is used when there is none (planning a recipe).
+    vocab_size: Optional[int] = None
     tie_word_embeddings: bool = False
     # Any further keyword for the transformers config (e.g. rope_theta, head_dim).
     extra: dict[str, Any] = field(default_factory=dict)
@@ -109,8 +111,9 @@ class LoraConfig:
 @dataclass
 class InitConfig:
     """Where each component's weights come from: "auto" (the model's pretrained path if
-    it names one, else fresh), "fresh", "from:<stage>" (an earlier stage of this run) or
-    a directory holding an artifact written by an earlier run."""
+    it names one, else fresh), "pretrained" (model.<component>.path, required), "fresh",
+    "from:<stage>" (an earlier stage of this run) or a directory holding an artifact
+    written by an earlier run."""
 
     vision: str = "auto"
     projector: str = "auto"
@@ -141,6 +144,8 @@ class StageConfig:
     max_steps: int = 100
     batch_size: int = 8  # per device, per micro-batch
     accumulate: int = 1  # micro-batches per optimizer step
+    # When set, ``accumulate`` is derived: global = batch_size * accumulate * devices * nodes.
+    global_batch_size: Optional[int] = None
     val_every: int = 0  # steps between validations; 0 disables
     val_batches: int = 8
     # Held-out splits evaluated (greedy generation, exact match) when the stage ends.

@@ -54,7 +54,23 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig) -> DictConfig:
         out.stages = {}
         out.stage = stage
         out.stage.name = name
+        out.stage.accumulate = accumulation(out)
     return out
+
+
+def accumulation(cfg: DictConfig) -> int:
+    """Micro-batches per step; derived from stage.global_batch_size when that is set."""
+    stage, trainer = cfg.stage, cfg.trainer
+    if stage.global_batch_size is None:
+        return stage.accumulate
+    devices = trainer.devices if isinstance(trainer.devices, int) else 1
+    per_step = stage.batch_size * devices * trainer.num_nodes
+    if stage.global_batch_size % per_step:
+        raise ValueError(
+            f"stages.{stage.name}.global_batch_size={stage.global_batch_size} is not a multiple of "
+            f"batch_size {stage.batch_size} x devices {devices} x nodes {trainer.num_nodes}"
+        )
+    return stage.global_batch_size // per_step
 
 
 def run_recipe(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:

@@ -56,7 +56,19 @@ def resolve_init(stage: DictConfig, model_cfg: DictConfig, run_dir: Path) -> dic
         has_path = name != "projector" and bool(model_cfg[name].path)
         if spec == "auto":
             out[name] = "pretrained" if has_path else "fresh"
+        elif spec == "pretrained":
+            if not has_path:
+                raise ValueError(
+                    f"stage.init.{name}=pretrained, but model.{name}.path is not set"
+                    + (" (the projector has no pretrained source)" if name == "projector" else "")
+                )
+            out[name] = "pretrained"
         elif spec == "fresh":
+            if has_path:
+                raise ValueError(
+                    f"stage.init.{name}=fresh, but model.{name}.path names pretrained weights; "
+                    f"set one or the other"
+                )
             out[name] = "fresh"
         elif spec.startswith("from:"):
             source = run_dir / spec[len("from:") :] / "artifact"

@@ -12,8 +12,10 @@ import json
 import os
 import random
 import shutil
+import struct
 import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -125,6 +127,20 @@ def render_scene(objects: Sequence[Obj], canvas: int) -> Image.Image:
         else:  # upward isosceles triangle filling the box
             draw.polygon([((o.x0 + x1) / 2, o.y0), (o.x0, y1), (x1, y1)], fill=fill)
     return img
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """Minimal RGB PNG (filter 0 + zlib): ~3x faster than PIL's encoder for tiny images."""
+    w, h = img.size
+    raw, stride = img.tobytes(), 3 * w
+    rows = b"".join(b"\x00" + raw[y * stride : (y + 1) * stride] for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 6)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
 
 
 def caption_of(objects: Sequence[Obj]) -> str:
@@ -408,7 +424,7 @@ def _write_all(tmp: Path, cfg: ShapesConfig) -> None:
 
     def render(chunk: list[tuple[str, list[Obj]]]) -> None:
         for path, objs in chunk:
-            render_scene(objs, cfg.canvas).save(tmp / path, format="PNG")
+            (tmp / path).write_bytes(png_bytes(render_scene(objs, cfg.canvas)))
 
     # Threads: PNG zlib and file I/O release the GIL, and there are no fork/spawn pitfalls.
     n = min(4, os.cpu_count() or 1)

@@ -62,9 +62,9 @@ def read_eval_samples(path: str | Path, limit: int | None = None) -> list[EvalSa
         answer = rec.get("answer", msgs[last]["content"])
         user = [m["content"] for m in msgs[:last] if m["role"] == "user"]
         question = rec.get("question") or (user[-1].replace("<image>", "").strip() if user else "")
-        out.append(
-            EvalSample(s["id"], str(rec.get("type", default_type)), question, str(answer), s["images"], msgs[:last])
-        )
+        # Multi-turn chat records list one type per turn; the scored turn is the last.
+        qtype = rec.get("type") or (rec.get("types") or [default_type])[-1]
+        out.append(EvalSample(s["id"], str(qtype), question, str(answer), s["images"], msgs[:last]))
     return out
 
 

@@ -47,16 +47,21 @@ def lm_config_from_dims(cfg: LMConfig, vocab_size: int):
     )
 
 
-def build_lm(
-    cfg: LMConfig, tokenizer: PreTrainedTokenizerBase, *, device: str | torch.device | None = None
-) -> PreTrainedModel:
-    """Build (random init) or load the LM, then size its embeddings to the tokenizer."""
-    if cfg.path:
+def build_lm(cfg: LMConfig, vocab_size: int, *, device: str | torch.device | None = None) -> PreTrainedModel:
+    """Build (random init) or load the LM, then grow its embeddings to ``vocab_size``.
+
+    On the meta device (planning), a pretrained path contributes only its config."""
+    if cfg.path and str(device) != "meta":
         lm = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True)
     else:
+        config = (
+            AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+            if cfg.path
+            else lm_config_from_dims(cfg, vocab_size)
+        )
         with torch.device(device or "cpu"):
-            lm = AutoModelForCausalLM.from_config(lm_config_from_dims(cfg, len(tokenizer)))
-    if lm.get_input_embeddings().num_embeddings < len(tokenizer):
+            lm = AutoModelForCausalLM.from_config(config)
+    if lm.get_input_embeddings().num_embeddings < vocab_size:
         # New rows start at the mean of the old ones (transformers' default), not at noise.
-        lm.resize_token_embeddings(len(tokenizer))
+        lm.resize_token_embeddings(vocab_size)
     return lm

@@ -109,12 +109,14 @@ def build_vision_tower(cfg: VisionConfig, *, device: str | torch.device | None =
     """Build a tower from dimensions (random init) or load it from ``cfg.path``."""
     if cfg.type not in _TOWERS:
         raise ValueError(f"model.vision.type={cfg.type!r}: expected one of {sorted(_TOWERS)}")
-    _, model_cls, has_cls = _TOWERS[cfg.type]
-    if cfg.path:
+    config_cls, model_cls, has_cls = _TOWERS[cfg.type]
+    if cfg.path and str(device) != "meta":
         model = model_cls.from_pretrained(cfg.path, local_files_only=True)
     else:
+        # On the meta device (planning), a pretrained path contributes only its config.
+        config = config_cls.from_pretrained(cfg.path, local_files_only=True) if cfg.path else _config_from_dims(cfg)
         with torch.device(device or "cpu"):
-            model = model_cls(_config_from_dims(cfg))
+            model = model_cls(config)
     _cut(model, cfg.feature_layer)
     return VisionTower(model, has_cls)
 

@@ -36,17 +36,25 @@ class VisionLanguageModel(nn.Module):
     def build(
         cls,
         cfg: ModelConfig,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | None,
         *,
         device: str | torch.device | None = None,
     ) -> VisionLanguageModel:
+        """Without a tokenizer (planning), the vocabulary is ``lm.vocab_size`` plus the image token."""
+        if tokenizer is not None:
+            vocab_size = len(tokenizer)
+            image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
+        elif cfg.lm.vocab_size:
+            vocab_size = image_token_id = cfg.lm.vocab_size
+            vocab_size += 1
+        else:
+            raise ValueError("model.lm.vocab_size is needed to build the model without a tokenizer")
         vision = build_vision_tower(cfg.vision, device=device)
-        lm = build_lm(cfg.lm, tokenizer, device=device)
+        lm = build_lm(cfg.lm, vocab_size, device=device)
         with torch.device(device or "cpu"):
             projector = build_projector(
                 cfg.projector.type, vision.spec().hidden_size, lm.config.hidden_size
             )
-        image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
         return cls(vision, projector, lm, image_token_id)
 
     # --------------------------------------------------------------------- structure

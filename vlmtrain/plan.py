@@ -1,0 +1,147 @@
+"""Plan a recipe without training: models built on the meta device from configs.
+
+No weights are read or allocated and nothing is downloaded, so a 7B recipe can
+be planned on a laptop. Memory figures are estimates (weights, gradients, AdamW
+state, a rough activation term), meant for choosing a strategy, not a promise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from vlmtrain.model.freezing import apply_trainable, parameter_counts
+from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.recipe import check_order, stage_config, stage_list
+
+console = Console()
+SHARDED = {"fsdp": "all", "deepspeed_stage_3": "all", "deepspeed_stage_2": "grads+optim"}
+
+
+def _bytes_per_param(precision: str) -> int:
+    return 2 if precision in ("bf16-true", "16-true") else 4
+
+
+def _tokenizer_or_none(cfg: DictConfig):
+    from vlmtrain.model.lm import load_tokenizer
+
+    if OmegaConf.is_missing(cfg.model, "tokenizer"):
+        return None
+    path = cfg.model.tokenizer
+    if path and Path(path).is_dir():
+        return load_tokenizer(cfg.model)
+    return None
+
+
+def estimate_memory(counts: dict[str, tuple[int, int]], model: VisionLanguageModel, cfg: DictConfig) -> dict[str, float]:
+    """Rough per-device bytes, in GiB."""
+    stage, trainer = cfg.stage, cfg.trainer
+    devices = trainer.devices if isinstance(trainer.devices, int) else 1
+    total = sum(t + f for t, f in counts.values())
+    trainable = sum(t for t, _ in counts.values())
+    weight_b = _bytes_per_param(trainer.precision)
+    weights = total * weight_b
+    grads = trainable * weight_b
+    optim = trainable * 8 + (trainable * 4 if "mixed" in trainer.precision and weight_b == 2 else 0)
+    shard = SHARDED.get(trainer.strategy)
+    if shard == "all":
+        weights, grads, optim = weights / devices, grads / devices, optim / devices
+    elif shard:
+        grads, optim = grads / devices, optim / devices
+    # Activations kept for backward: ~34 bytes x hidden per token per layer (no recompute,
+    # 16-bit), doubled for fp32; the LM keeps them whenever anything before it trains.
+    act_b = 34 * (2 if weight_b == 4 and "mixed" not in trainer.precision else 1)
+    lm_cfg = model.language_model.config
+    tokens = stage.batch_size * stage.max_length
+    activations = 0.0
+    if trainable:
+        activations += tokens * lm_cfg.hidden_size * lm_cfg.num_hidden_layers * act_b
+        activations += tokens * lm_cfg.vocab_size * 4 * 2  # fp32 logits and their gradient
+    if counts["vision"][0]:
+        spec = model.vision_spec
+        v = model.vision_tower.config
+        activations += stage.batch_size * spec.tokens_per_image * v.hidden_size * v.num_hidden_layers * act_b
+    gib = 2**30
+    return {
+        "weights": weights / gib,
+        "grads": grads / gib,
+        "optimizer": optim / gib,
+        "activations": activations / gib,
+        "total": (weights + grads + optim + activations) / gib,
+    }
+
+
+def describe_init(cfg: DictConfig) -> dict[str, str]:
+    """What each component starts from, without touching the filesystem."""
+    out = {}
+    for comp in ("vision", "projector", "lm"):
+        spec = str(cfg.stage.init[comp])
+        path = cfg.model[comp].path if comp != "projector" else None
+        if spec in ("auto", "pretrained") and path:
+            spec = f"pretrained {path}"
+        elif spec == "pretrained":
+            spec = f"pretrained (needs model.{comp}.path)"
+        elif spec == "auto":
+            spec = "fresh"
+        out[comp] = spec
+    return out
+
+
+def plan_stage(cfg: DictConfig) -> dict[str, Any]:
+    init = describe_init(cfg)
+    tokenizer = _tokenizer_or_none(cfg)
+    model = VisionLanguageModel.build(cfg.model, tokenizer, device="meta")
+    apply_trainable(model, cfg.stage.trainable, cfg.stage.lora)
+    counts = parameter_counts(model)
+    stage, trainer = cfg.stage, cfg.trainer
+    devices = trainer.devices if isinstance(trainer.devices, int) else 1
+    samples_per_step = stage.batch_size * stage.accumulate * devices * trainer.num_nodes
+    return {
+        "stage": stage.name,
+        "objective": stage.objective,
+        "mixture": dict(stage.mixture),
+        "init": init,
+        "parameters": {k: {"trainable": t, "frozen": f} for k, (t, f) in counts.items()},
+        "image_tokens_per_image": model.vision_spec.tokens_per_image,
+        "samples_per_step": samples_per_step,
+        "max_tokens_per_step": samples_per_step * stage.max_length,
+        "steps": stage.max_steps,
+        "memory_gib_per_device": estimate_memory(counts, model, cfg),
+    }
+
+
+def plan_recipe(cfg: DictConfig) -> list[dict[str, Any]]:
+    stages = stage_list(cfg)
+    check_order(stages)
+    plans = [plan_stage(stage_config(cfg, name, stage)) for name, stage in stages]
+    print_plan(plans, cfg)
+    return plans
+
+
+def print_plan(plans: list[dict[str, Any]], cfg: DictConfig) -> None:
+    t = cfg.trainer
+    console.print(
+        f"[bold]plan[/] model={cfg.model.name} trainer: {t.accelerator} x{t.devices} "
+        f"({t.strategy}, {t.precision})"
+    )
+    for p in plans:
+        table = Table(title=f"stage {p['stage']} ({p['objective']}), {p['steps']} steps, mixture {p['mixture']}")
+        for col in ("component", "init", "trainable", "frozen"):
+            table.add_column(col, justify="left" if col in ("component", "init") else "right")
+        for comp, c in p["parameters"].items():
+            table.add_row(comp, p["init"][comp], f"{c['trainable']:,}", f"{c['frozen']:,}")
+        total_t = sum(c["trainable"] for c in p["parameters"].values())
+        total_f = sum(c["frozen"] for c in p["parameters"].values())
+        table.add_row("all", "", f"{total_t:,}", f"{total_f:,}", style="bold")
+        console.print(table)
+        mem = p["memory_gib_per_device"]
+        console.print(
+            f"  image tokens per image {p['image_tokens_per_image']}; samples per step "
+            f"{p['samples_per_step']}; tokens per step <= {p['max_tokens_per_step']:,}\n"
+            f"  memory per device (estimate at max_length, no activation checkpointing): {mem['total']:.1f} GiB = weights {mem['weights']:.1f} "
+            f"+ grads {mem['grads']:.1f} + optimizer {mem['optimizer']:.1f} + activations {mem['activations']:.1f}"
+        )
