@@ -29,16 +29,18 @@ def vlmtrain(args: list[str], cwd: Path, env: dict | None = None, check: bool = 
     return proc
 
 
-def base_args(shapes_root: Path, out: Path) -> list[str]:
-    return [
+def base_args(shapes_root: Path, out: Path, stages: tuple[str, ...] = ("stage",)) -> list[str]:
+    """Small data, one thread, and a small batch for each of ``stages`` (config prefixes)."""
+    args = [
         f"data.root={shapes_root}",
         "data.generate=null",
         f"output_dir={out}",
         "trainer.progress_bar=false",
         "trainer.num_threads=1",
-        "stage.batch_size=4",
-        "stage.accumulate=2",
     ]
+    for prefix in stages:
+        args += [f"{prefix}.batch_size=4", f"{prefix}.accumulate=2"]
+    return args
 
 
 def losses(metrics_csv: Path) -> dict[int, tuple[str, str]]:

@@ -148,6 +148,8 @@ def test_images_and_conversations(ds: Path) -> None:
             assert conv[0]["value"].startswith("<image>\n")
             assert sum(t["value"].count("<image>") for t in conv) == 1
             assert len(pairs(s)) == len(s["objects"]) <= CFG.max_objects  # distinct pairs
+    with Image.open(ds / load(ds, "vqa_test.json")[0]["image"]) as img:
+        img.verify()  # chunk CRCs of the hand-written PNG encoder
     for s in load(ds, "chat_train.json"):
         assert 2 <= len(s["types"]) == len(s["answers"]) == len(s["conversations"]) // 2 <= 4
 

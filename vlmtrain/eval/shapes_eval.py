@@ -138,12 +138,18 @@ def predict(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts: list[list[int]] = []
     pixels: list[torch.Tensor | None] = []
+    # Templating is the slowest host-side step and VQA questions repeat a lot
+    # ("How many shapes are there?"), so identical prompts are rendered once.
+    cache: dict[tuple, list[int]] = {}
     for s in samples:
         pv = images([images.load(p, s.id, source) for p in s.images]) if s.images else None
         per_image = images.tokens_per_image(pv) if pv is not None else 0
-        prompts.append(
-            build_prompt(tokenizer, s.messages, model.image_token_id, per_image, len(s.images), s.id, source)
-        )
+        key = (tuple((m["role"], m["content"]) for m in s.messages), per_image, len(s.images))
+        if key not in cache:
+            cache[key] = build_prompt(
+                tokenizer, s.messages, model.image_token_id, per_image, len(s.images), s.id, source
+            )
+        prompts.append(cache[key])
         pixels.append(pv)
     order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
     preds = [""] * len(samples)
