@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements/dev-cpu.txt
 	touch $(STAMP)
 
 train: install
-	$(BIN)/vlmtrain recipe=tiny
+	$(BIN)/vlmtrain recipe=tiny run_name=tiny
 
 test: install
 	$(BIN)/pytest -q -m "not slow and not gpu"

@@ -62,18 +62,24 @@ def test_prompt_is_training_input_up_to_the_answer(compose, shapes_root):
 class ScriptedModel:
     """Stands in for the VLM: answers from a script keyed by (image, prompt)."""
 
-    def __init__(self, script: dict[tuple[str, tuple[int, ...]], list[int]], spec: VisionSpec, image_id: int):
+    def __init__(
+        self, script: dict[tuple[str, tuple[int, ...]], list[int]], spec: VisionSpec, image_id: int
+    ):
         self.script, self.vision_spec, self.image_token_id = script, spec, image_id
         self.batch_sizes: list[int] = []
 
-    def generate(self, input_ids, attention_mask, pixel_values, *, max_new_tokens, eos_token_id, pad_token_id):
+    def generate(
+        self, input_ids, attention_mask, pixel_values, *, max_new_tokens, eos_token_id, pad_token_id
+    ):
         self.batch_sizes.append(len(input_ids))
         # Left padding: every row ends in a real token, padding only at the start.
         assert bool(attention_mask[:, -1].all())
         assert bool((attention_mask.diff(dim=1) >= 0).all())
         rows = []
-        for ids, mask, pixels in zip(input_ids, attention_mask, pixel_values):
-            rows.append(self.script[(_digest(pixels), tuple(ids[mask.bool()].tolist()))][:max_new_tokens])
+        for ids, mask, pixels in zip(input_ids, attention_mask, pixel_values, strict=True):
+            rows.append(
+                self.script[(_digest(pixels), tuple(ids[mask.bool()].tolist()))][:max_new_tokens]
+            )
         width = max(map(len, rows))
         return torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
 
@@ -107,7 +113,9 @@ def test_exact_match_scoring(compose, shapes_root):
         script[(_digest(pixels), tuple(prompt))] = ids
         expected.setdefault(s.type, []).append(ok)
     model = ScriptedModel(script, spec, image_id)
-    res = evaluate_split(model, tok, images, shapes_root / "vqa_test.json", shapes_root, batch_size=16)
+    res = evaluate_split(
+        model, tok, images, shapes_root / "vqa_test.json", shapes_root, batch_size=16
+    )
 
     assert max(model.batch_sizes) == 16 and sum(model.batch_sizes) == len(samples)
     flat = [ok for oks in expected.values() for ok in oks]
@@ -117,9 +125,15 @@ def test_exact_match_scoring(compose, shapes_root):
         assert res["per_type"][qtype]["accuracy"] == sum(oks) / len(oks)
         assert res["per_type"][qtype]["n"] == len(oks)
     chance = {t: row["chance"] for t, row in res["per_type"].items()}
-    assert chance == pytest.approx({"colour": 1 / 6, "shape": 1 / 3, "count": 1 / 3, "exist": 1 / 2, "position": 1 / 4})
+    assert chance == pytest.approx(
+        {"colour": 1 / 6, "shape": 1 / 3, "count": 1 / 3, "exist": 1 / 2, "position": 1 / 4}
+    )
     ex = res["examples"]
-    assert len(ex) == 5 and ex[0]["answer"] == samples[0].answer and ex[0]["prediction"] == samples[0].answer
+    assert (
+        len(ex) == 5
+        and ex[0]["answer"] == samples[0].answer
+        and ex[0]["prediction"] == samples[0].answer
+    )
 
 
 # --------------------------------------------------------------- (c) batching invariance
@@ -150,7 +164,9 @@ def test_cli_writes_json_and_markdown(compose, shapes_root, tmp_path, capsys):
     cfg = compose()
     tok, model = tiny_model(cfg)
     artifact = tmp_path / "run" / "sft" / "artifact"
-    save_artifact(model, tok, artifact, {"config": OmegaConf.to_container(cfg, resolve=True), "stage": "x"})
+    save_artifact(
+        model, tok, artifact, {"config": OmegaConf.to_container(cfg, resolve=True), "stage": "x"}
+    )
 
     assert eval_main([str(artifact), "--data-root", str(shapes_root), "--limit", "6"]) == 0
     out_dir = tmp_path / "run" / "sft" / "eval"  # the default: next to the artifact
@@ -160,7 +176,9 @@ def test_cli_writes_json_and_markdown(compose, shapes_root, tmp_path, capsys):
     assert isinstance(acc, float) and 0.0 <= acc <= 1.0 and results["test"]["overall"]["n"] == 6
     assert results["caption_test"]["per_type"]["caption"]["chance"] is None
     md = (out_dir / "eval.md").read_text()
-    assert "| split | type | accuracy | chance | n |" in md and "| test_unseen | **overall** |" in md
+    assert (
+        "| split | type | accuracy | chance | n |" in md and "| test_unseen | **overall** |" in md
+    )
     assert "| split | type | accuracy | chance | n |" in capsys.readouterr().out
 
     with pytest.raises(FileNotFoundError, match="nope"):

@@ -27,7 +27,8 @@ class DataError(ValueError):
         self.source = source
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The raw records of a JSON-list or JSONL file, extra fields kept."""
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     if path.suffix == ".jsonl":
@@ -74,7 +75,7 @@ def normalize(record: dict[str, Any], index: int, source: str) -> dict[str, Any]
 
 def load_samples(path: str | Path) -> datasets.Dataset:
     path = Path(path)
-    rows = [normalize(r, i, str(path)) for i, r in enumerate(_records(path))]
+    rows = [normalize(r, i, str(path)) for i, r in enumerate(read_records(path))]
     if not rows:
         raise ValueError(f"data file {str(path)!r} holds no samples")
     features = datasets.Features(

@@ -1,14 +1,12 @@
 """Evaluation of trained artifacts on the shapes splits (``vlmtrain eval``)."""
 
+from vlmtrain.eval.prompts import EvalSample, build_prompt, read_eval_samples
 from vlmtrain.eval.report import format_table, write_report
 from vlmtrain.eval.shapes_eval import (
-    EvalSample,
-    build_prompt,
     chance_levels,
     evaluate_artifact,
     evaluate_split,
     predict,
-    read_eval_samples,
     score,
 )
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vlmtrain eval", description="Exact-match evaluation of a stage artifact.")
+    p = argparse.ArgumentParser(
+        prog="vlmtrain eval", description="Exact-match evaluation of a stage artifact."
+    )
     p.add_argument("artifact_dir", type=Path, help="a stage's artifact/ directory")
     p.add_argument("--data-root", type=Path, required=True, help="shapes data directory")
     p.add_argument("--splits", nargs="+", default=["test", "test_unseen"])
@@ -26,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     results = evaluate_artifact(
-        args.artifact_dir, args.data_root, tuple(args.splits), args.limit, batch_size=args.batch_size, device=device
+        args.artifact_dir,
+        args.data_root,
+        tuple(args.splits),
+        args.limit,
+        batch_size=args.batch_size,
+        device=device,
     )
     # resolve() so that "artifact" given as a relative path still has a real parent.
     out = args.out or args.artifact_dir.resolve().parent / "eval"

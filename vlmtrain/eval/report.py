@@ -16,9 +16,13 @@ def format_table(results: dict[str, Any]) -> str:
     lines = ["| split | type | accuracy | chance | n |", "|---|---|---:|---:|---:|"]
     for split, res in results.items():
         for qtype, row in res["per_type"].items():
-            lines.append(f"| {split} | {qtype} | {_pct(row['accuracy'])} | {_pct(row['chance'])} | {row['n']} |")
+            lines.append(
+                f"| {split} | {qtype} | {_pct(row['accuracy'])} | {_pct(row['chance'])} | {row['n']} |"
+            )
         overall = res["overall"]
-        lines.append(f"| {split} | **overall** | **{_pct(overall['accuracy'])}** | | {overall['n']} |")
+        lines.append(
+            f"| {split} | **overall** | **{_pct(overall['accuracy'])}** | | {overall['n']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -32,7 +36,9 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
     for split, res in results.items():
         for ex in res.get("examples", []):
             # Examples show what the model actually says, which a bare accuracy hides.
-            examples.append(f"- {split} `{ex['id']}`: {ex['question']!r} → {ex['prediction']!r} (expected {ex['answer']!r})")
+            examples.append(
+                f"- {split} `{ex['id']}`: {ex['question']!r} → {ex['prediction']!r} (expected {ex['answer']!r})"
+            )
     body = "# Evaluation\n\n" + format_table(results)
     if examples:
         body += "\n## Examples\n\n" + "\n".join(examples) + "\n"

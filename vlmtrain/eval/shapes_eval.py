@@ -1,89 +1,27 @@
 """Exact-match evaluation of a trained model on the shapes VQA and caption splits.
 
-Prompts are built exactly as training builds its inputs (the tokenizer's chat
-template, each ``<image>`` placeholder expanded to one token per image patch by
-the training code's own ``_expand``), so an evaluation number measures the
-model, not a mismatch between how it was trained and how it is asked.
-Generation is greedy over left-padded batches; prompts are sorted by length
-first so each batch carries as little padding as possible.
+Generation is greedy over left-padded batches (prompts from ``prompts.py``);
+prompts are sorted by length first so each batch carries as little padding as
+possible, and predictions are put back in sample order.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from vlmtrain.data.chat import render_prompt
-from vlmtrain.data.encode import _expand
 from vlmtrain.data.images import ImageProcessor
-from vlmtrain.data.samples import DataError, _records, normalize
 from vlmtrain.data.shapes import ANSWERS
+from vlmtrain.eval.prompts import EvalSample, build_prompt, read_eval_samples
 
 N_EXAMPLES = 5
 # Captions run to a few dozen tokens; VQA answers are a word or two.
-CAPTION_MAX_NEW_TOKENS = 48
-
-
-@dataclass
-class EvalSample:
-    id: str
-    type: str
-    question: str
-    answer: str
-    images: list[str]
-    messages: list[dict[str, str]]  # the conversation up to (not including) the scored answer
-
-
-def read_eval_samples(path: str | Path, limit: int | None = None) -> list[EvalSample]:
-    """Samples with the reference answer and question type kept.
-
-    ``load_samples`` normalizes records to the training schema and so drops the
-    shapes-specific ``type``/``answer`` fields; the same ``normalize`` is used
-    here so the conversation is parsed exactly as in training.
-    """
-    path = Path(path)
-    records = _records(path)
-    if limit is not None:
-        records = records[:limit]
-    default_type = "caption" if path.name.startswith("caption") else "all"
-    out = []
-    for i, rec in enumerate(records):
-        s = normalize(rec, i, str(path))
-        msgs = s["messages"]
-        last = max((k for k, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
-        if last < 0:
-            raise DataError(s["id"], str(path), "no assistant turn to score against")
-        answer = rec.get("answer", msgs[last]["content"])
-        user = [m["content"] for m in msgs[:last] if m["role"] == "user"]
-        question = rec.get("question") or (user[-1].replace("<image>", "").strip() if user else "")
-        # Multi-turn chat records list one type per turn; the scored turn is the last.
-        qtype = rec.get("type") or (rec.get("types") or [default_type])[-1]
-        out.append(EvalSample(s["id"], str(qtype), question, str(answer), s["images"], msgs[:last]))
-    return out
-
-
-def build_prompt(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, str]],
-    image_token_id: int,
-    tokens_per_image: int,
-    n_images: int,
-    sample_id: str = "?",
-    source: str = "?",
-) -> list[int]:
-    """Prompt ids ending in the assistant header, image placeholders expanded."""
-    ids = render_prompt(tokenizer, messages)
-    n_placeholders = ids.count(image_token_id)
-    if n_placeholders != n_images:
-        raise DataError(sample_id, source, f"{n_placeholders} image placeholders but {n_images} images")
-    ids, _ = _expand(ids, [0] * len(ids), image_token_id, tokens_per_image)
-    return ids
+CAPTION_MAX_NEW_TOKENS = 32
 
 
 def chance_levels(data_root: str | Path, split: str) -> dict[str, float | None]:
@@ -193,8 +131,14 @@ def score(
             for t, v in sorted(per.items())
         },
         "examples": [
-            {"id": s.id, "type": s.type, "question": s.question, "answer": s.answer, "prediction": p}
-            for s, p in list(zip(samples, predictions))[:N_EXAMPLES]
+            {
+                "id": s.id,
+                "type": s.type,
+                "question": s.question,
+                "answer": s.answer,
+                "prediction": p,
+            }
+            for s, p in zip(samples[:N_EXAMPLES], predictions[:N_EXAMPLES], strict=True)
         ],
     }
 
@@ -257,8 +201,13 @@ def evaluate_artifact(
 
     data_root = Path(data_root)
     for split in splits:  # fail before loading the model
-        if not (data_root / f"vqa_{split}.json").is_file() and not (data_root / f"caption_{split}.json").is_file():
-            raise FileNotFoundError(f"split {split!r}: neither vqa_{split}.json nor caption_{split}.json in {data_root}")
+        if (
+            not (data_root / f"vqa_{split}.json").is_file()
+            and not (data_root / f"caption_{split}.json").is_file()
+        ):
+            raise FileNotFoundError(
+                f"split {split!r}: neither vqa_{split}.json nor caption_{split}.json in {data_root}"
+            )
     model, tokenizer, model_cfg = load_model(Path(artifact_dir), device=device)
     model.eval()
     processor = build_image_processor(model_cfg.vision, model.vision_spec)
