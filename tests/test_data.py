@@ -409,9 +409,21 @@ def test_malformed_record_names_its_id(tmp_path, suffix):
     assert info.value.sample_id == "broken-42"
 
 
-def test_malformed_turn_names_its_id():
-    with pytest.raises(DataError, match="turn-7"):
-        normalize({"id": "turn-7", "conversations": [{"from": "robot", "value": "x"}]}, 0, "f.json")
+@pytest.mark.parametrize(
+    "record,words",
+    [
+        ({"id": "turn-7", "conversations": [{"from": "robot", "value": "x"}]}, "malformed turn"),
+        ({"id": "turn-8", "conversations": [{"from": "gpt", "value": 3}]}, "malformed turn"),
+        ({"id": "txt-9", "text": "hi", "image": "x.png"}, "cannot have images"),
+        ({"id": "txt-10", "text": ""}, "non-empty string"),
+        ({"id": "conv-11", "conversations": []}, "non-empty 'conversations'"),
+    ],
+)
+def test_malformed_records_name_their_id(record, words):
+    with pytest.raises(DataError) as info:
+        normalize(record, 0, "f.json")
+    assert repr(record["id"]) in str(info.value) and "f.json" in str(info.value)
+    assert words in str(info.value)
 
 
 # ------------------------------------------------------------------- 4. chat template
@@ -518,11 +530,6 @@ def test_mixture_indices_default_total_and_zero_weight():
         mixture_indices({"a": 3}, {"a": 0.0}, seed=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: mixture_indices rounds each source's count independently "
-    "(round-half-even), so the mixture holds fewer or more than `total` draws",
-)
 @pytest.mark.parametrize(
     "weights,total",
     [({"a": 0.5, "b": 0.5}, 5), ({"a": 1, "b": 1, "c": 1}, 100), ({"a": 1, "b": 1, "c": 1}, 2)],

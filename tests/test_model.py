@@ -542,6 +542,19 @@ def test_artifact_missing_tensors_in_component_raise(compose, tokenizer, tmp_pat
         load_component(full.vision_tower, "vision", out)
 
 
+@pytest.mark.parametrize("saved_tied", [False, True])
+def test_artifact_with_other_embedding_tying_is_refused(compose, tokenizer, tmp_path, saved_tied):
+    def cfg_for(tied):
+        return compose(f"model.lm.tie_word_embeddings={str(tied).lower()}")
+
+    out = save_artifact(
+        build(cfg_for(saved_tied), tokenizer), tokenizer, tmp_path / "artifact", {"stage": "a"}
+    )
+    other = build(cfg_for(not saved_tied), tokenizer)
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight"):
+        load_component(other.language_model, "lm", out)
+
+
 def test_artifact_lacking_a_component_is_named(compose, tokenizer, tmp_path):
     cfg = compose()
     out = save_artifact(build(cfg, tokenizer), tokenizer, tmp_path / "artifact", {"stage": "a"})

@@ -24,7 +24,12 @@ def mixture_indices(
         raise ValueError("the mixture has no dataset with a positive weight")
     total = total or sum(sizes[n] for n in names)
     weight_sum = sum(weights[n] for n in names)
-    counts = {n: int(round(total * weights[n] / weight_sum)) for n in names}
+    # Largest remainder: the counts add up to exactly ``total``.
+    exact = {n: total * weights[n] / weight_sum for n in names}
+    counts = {n: int(exact[n]) for n in names}
+    by_remainder = sorted(names, key=lambda n: exact[n] - counts[n], reverse=True)
+    for n in by_remainder[: total - sum(counts.values())]:
+        counts[n] += 1
     out: list[tuple[str, int]] = []
     for name in names:
         rng = random.Random(f"{seed}-{name}")
