@@ -25,7 +25,9 @@ def vlmtrain(args: list[str], cwd: Path, env: dict | None = None, check: bool = 
         timeout=300,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"vlmtrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"vlmtrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -68,7 +70,12 @@ def test_unknown_key_fails_naming_it(tmp_path):
 def test_kill_and_rerun_resumes_exactly(shapes_root, tmp_path):
     """A run SIGKILLed mid-stage and started again with the same command reproduces the
     uninterrupted run's loss and learning rate at every step, bit for bit."""
-    args = [*base_args(shapes_root, tmp_path), "stage=sft", "stage.max_steps=8", "trainer.checkpoint_every=3"]
+    args = [
+        *base_args(shapes_root, tmp_path),
+        "stage=sft",
+        "stage.max_steps=8",
+        "trainer.checkpoint_every=3",
+    ]
     vlmtrain([*args, "run_name=straight"], cwd=tmp_path)
 
     killed = vlmtrain(
@@ -100,7 +107,11 @@ def test_align_then_sft_takes_projector_by_reference(shapes_root, tmp_path):
 
     manifest = json.loads((tmp_path / "chain" / "sft" / "artifact" / "manifest.json").read_text())
     assert manifest["init"]["projector"].endswith("align/artifact")
-    missing = vlmtrain([*args, "stage=sft", "run_name=other", "stage.init.lm=from:lm_pretrain"], cwd=tmp_path, check=False)
+    missing = vlmtrain(
+        [*args, "stage=sft", "run_name=other", "stage.init.lm=from:lm_pretrain"],
+        cwd=tmp_path,
+        check=False,
+    )
     assert missing.returncode != 0 and "lm_pretrain" in missing.stderr
 
 
@@ -109,12 +120,23 @@ def test_multirun_sweep_one_directory_per_job(shapes_root, tmp_path):
     vlmtrain(["-m", *args, "stage.optim.lr=0.001,0.002"], cwd=tmp_path)
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if (p / "align" / "artifact").is_dir())
     assert [j.name for j in jobs] == ["0", "1"]
-    lrs = [json.loads((j / "align" / "artifact" / "manifest.json").read_text())["config"]["stage"]["optim"]["lr"] for j in jobs]
+    lrs = [
+        json.loads((j / "align" / "artifact" / "manifest.json").read_text())["config"]["stage"][
+            "optim"
+        ]["lr"]
+        for j in jobs
+    ]
     assert lrs == [0.001, 0.002]
 
 
 @pytest.mark.slow
 def test_lora_sft_stage_runs(shapes_root, tmp_path):
-    args = [*base_args(shapes_root, tmp_path), "run_name=lora", "stage=sft", "stage.max_steps=3", "stage.lora.enabled=true"]
+    args = [
+        *base_args(shapes_root, tmp_path),
+        "run_name=lora",
+        "stage=sft",
+        "stage.max_steps=3",
+        "stage.lora.enabled=true",
+    ]
     vlmtrain(args, cwd=tmp_path)
     assert (tmp_path / "lora" / "sft" / "artifact" / "lm.safetensors").is_file()

@@ -49,6 +49,8 @@ def test_wrong_type_fails(compose):
 
 def test_unknown_key_in_yaml_fails(compose, tmp_path):
     (tmp_path / "stage").mkdir()
-    (tmp_path / "stage" / "bad.yaml").write_text("name: bad\nmixture: {vqa: 1.0}\nlearning_rate: 1e-3\n")
+    (tmp_path / "stage" / "bad.yaml").write_text(
+        "name: bad\nmixture: {vqa: 1.0}\nlearning_rate: 1e-3\n"
+    )
     with pytest.raises(BAD, match="learning_rate"):
         compose("stage=bad", f"hydra.searchpath=[file://{tmp_path}]")

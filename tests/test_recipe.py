@@ -72,7 +72,9 @@ def test_plan_of_tiny_recipe_on_meta(compose):
 
 
 def test_plan_command_line(tmp_path):
-    proc = vlmtrain(["recipe=llava15", "plan=true", "trainer=gpu", "trainer.devices=8"], cwd=tmp_path)
+    proc = vlmtrain(
+        ["recipe=llava15", "plan=true", "trainer=gpu", "trainer.devices=8"], cwd=tmp_path
+    )
     assert "6,738,423,808" in proc.stdout and "576" in proc.stdout
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.safetensors"))
 
@@ -124,7 +126,11 @@ def test_recipe_runs_skips_and_resumes(shapes_root, tmp_path):
 
     # A finished stage whose config changed is refused, with the way out.
     changed = vlmtrain([*args, "stages.align.optim.lr=0.5"], cwd=tmp_path, check=False)
-    assert changed.returncode != 0 and "align" in changed.stderr and "different config" in changed.stderr
+    assert (
+        changed.returncode != 0
+        and "align" in changed.stderr
+        and "different config" in changed.stderr
+    )
 
 
 def test_llava15_recipe_runs_with_tiny_substitutes(shapes_root, tmp_path):
@@ -153,8 +159,14 @@ def test_llava15_recipe_runs_with_tiny_substitutes(shapes_root, tmp_path):
 
 
 def test_llava15_refuses_to_start_without_pretrained_paths(shapes_root, tmp_path):
-    args = [*base_args(shapes_root, tmp_path, LLAVA), "recipe=llava15", "model=tiny", "data=shapes",
-            f"data.root={shapes_root}", "data.generate=null"]
+    args = [
+        *base_args(shapes_root, tmp_path, LLAVA),
+        "recipe=llava15",
+        "model=tiny",
+        "data=shapes",
+        f"data.root={shapes_root}",
+        "data.generate=null",
+    ]
     proc = vlmtrain(args, cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "model.vision.path" in proc.stderr
 
@@ -164,8 +176,13 @@ def test_artifact_with_other_dimensions_fails_before_training(shapes_root, tmp_p
     vlmtrain(args, cwd=tmp_path)
     artifact = tmp_path / "a" / "align" / "artifact"
     proc = vlmtrain(
-        [*base_args(shapes_root, tmp_path), "run_name=b", "stage=sft", f"stage.init.projector={artifact}",
-         "model.lm.hidden_size=32"],
+        [
+            *base_args(shapes_root, tmp_path),
+            "run_name=b",
+            "stage=sft",
+            f"stage.init.projector={artifact}",
+            "model.lm.hidden_size=32",
+        ],
         cwd=tmp_path,
         check=False,
     )

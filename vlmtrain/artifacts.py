@@ -34,13 +34,19 @@ MANIFEST = "manifest.json"
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
 
 
 def code_version() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -58,7 +64,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def save_artifact(model: VisionLanguageModel, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> Path:
+def save_artifact(
+    model: VisionLanguageModel, tokenizer, out_dir: Path, manifest: dict[str, Any]
+) -> Path:
     if hasattr(model.language_model, "merge_and_unload"):
         # LoRA: later stages and exports get plain LM weights.
         model.language_model = model.language_model.merge_and_unload()
@@ -92,7 +100,9 @@ def load_component(module: nn.Module, name: str, artifact_dir: Path) -> None:
     or a shape mismatch, naming every tensor involved."""
     path = Path(artifact_dir) / f"{name}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"artifact {str(artifact_dir)!r} has no component {name!r} ({path.name})")
+        raise FileNotFoundError(
+            f"artifact {str(artifact_dir)!r} has no component {name!r} ({path.name})"
+        )
     own = module.state_dict()
     problems = []
     with safe_open(str(path), framework="pt") as f:

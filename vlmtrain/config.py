@@ -9,7 +9,7 @@ compose time with the key's full name. The root schema is ``VLMTrainConfig``;
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -21,7 +21,7 @@ COMPONENTS = ("vision", "projector", "lm")
 @dataclass
 class VisionConfig:
     type: str = "siglip"  # siglip | clip (transformers vision towers)
-    path: Optional[str] = None  # local pretrained directory; dims below are ignored when set
+    path: str | None = None  # local pretrained directory; dims below are ignored when set
     image_size: int = 64
     patch_size: int = 8
     hidden_size: int = 64
@@ -41,15 +41,15 @@ class ProjectorConfig:
 @dataclass
 class LMConfig:
     type: str = "llama"  # any transformers causal-LM model_type (llama, qwen2, mistral, ...)
-    path: Optional[str] = None  # local pretrained directory; dims below are ignored when set
+    path: str | None = None  # local pretrained directory; dims below are ignored when set
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
-    num_key_value_heads: Optional[int] = None
+    num_key_value_heads: int | None = None
     max_position_embeddings: int = 512
     # The tokenizer's size decides; this is used when there is none (planning a recipe).
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     tie_word_embeddings: bool = False
     # Any further keyword for the transformers config (e.g. rope_theta, head_dim).
     extra: dict[str, Any] = field(default_factory=dict)
@@ -69,7 +69,7 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     train: str = MISSING  # LLaVA JSON or JSONL
-    val: Optional[str] = None
+    val: str | None = None
 
 
 @dataclass
@@ -77,11 +77,11 @@ class DataConfig:
     name: str = "shapes"
     root: str = MISSING  # image paths in the files are relative to this directory
     # When set, the data is generated into ``root`` if missing (``shapes`` only for now).
-    generate: Optional[str] = None
+    generate: str | None = None
     seed: int = 0
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
     # Replace the tokenizer's chat template (a Jinja string with {% generation %} blocks).
-    chat_template: Optional[str] = None
+    chat_template: str | None = None
     num_workers: int = 0
 
 
@@ -127,7 +127,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    grad_clip: Optional[float] = 1.0
+    grad_clip: float | None = 1.0
 
 
 @dataclass
@@ -145,12 +145,12 @@ class StageConfig:
     batch_size: int = 8  # per device, per micro-batch
     accumulate: int = 1  # micro-batches per optimizer step
     # When set, ``accumulate`` is derived: global = batch_size * accumulate * devices * nodes.
-    global_batch_size: Optional[int] = None
+    global_batch_size: int | None = None
     val_every: int = 0  # steps between validations; 0 disables
     val_batches: int = 8
     # Held-out splits evaluated (greedy generation, exact match) when the stage ends.
     eval_splits: list[str] = field(default_factory=list)
-    eval_limit: Optional[int] = None  # samples per split; None = all
+    eval_limit: int | None = None  # samples per split; None = all
 
 
 # --------------------------------------------------------------------------- trainer
@@ -163,7 +163,7 @@ class TrainerConfig:
     precision: str = "32-true"
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     log_every: int = 1
-    num_threads: Optional[int] = None  # torch intra-op threads (CPU); None leaves torch's default
+    num_threads: int | None = None  # torch intra-op threads (CPU); None leaves torch's default
     deterministic: bool = False
     progress_bar: bool = True
 
@@ -183,9 +183,9 @@ class VLMTrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # One stage on its own (stage=<name>) ...
-    stage: Optional[StageConfig] = None
+    stage: StageConfig | None = None
     # ... or a recipe (recipe=<name>): named stages, run in order, joined by artifacts.
-    recipe: Optional[str] = None
+    recipe: str | None = None
     stages: dict[str, StageConfig] = field(default_factory=dict)
     # Print the plan (stages, parameters, tokens, memory) without training.
     plan: bool = False

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import csv
+import hashlib
 import os
+from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
@@ -38,7 +37,9 @@ def build_logger(cfg: DictConfig, stage_dir: Path) -> Logger:
     if kind == "csv":
         # A fixed version directory: a resumed stage appends to the same metrics.csv.
         # Flushed every step: a killed job loses no logged row.
-        return ResumableCSVLogger(save_dir=stage_dir, name="logs", version="csv", flush_logs_every_n_steps=1)
+        return ResumableCSVLogger(
+            save_dir=stage_dir, name="logs", version="csv", flush_logs_every_n_steps=1
+        )
     if kind == "tensorboard":
         return TensorBoardLogger(save_dir=stage_dir, name="logs", version="tensorboard")
     if kind == "wandb":

@@ -37,7 +37,9 @@ def _tokenizer_or_none(cfg: DictConfig):
     return None
 
 
-def estimate_memory(counts: dict[str, tuple[int, int]], model: VisionLanguageModel, cfg: DictConfig) -> dict[str, float]:
+def estimate_memory(
+    counts: dict[str, tuple[int, int]], model: VisionLanguageModel, cfg: DictConfig
+) -> dict[str, float]:
     """Rough per-device bytes, in GiB."""
     stage, trainer = cfg.stage, cfg.trainer
     devices = trainer.devices if isinstance(trainer.devices, int) else 1
@@ -64,7 +66,9 @@ def estimate_memory(counts: dict[str, tuple[int, int]], model: VisionLanguageMod
     if counts["vision"][0]:
         spec = model.vision_spec
         v = model.vision_tower.config
-        activations += stage.batch_size * spec.tokens_per_image * v.hidden_size * v.num_hidden_layers * act_b
+        activations += (
+            stage.batch_size * spec.tokens_per_image * v.hidden_size * v.num_hidden_layers * act_b
+        )
     gib = 2**30
     return {
         "weights": weights / gib,
@@ -129,7 +133,9 @@ def print_plan(plans: list[dict[str, Any]], cfg: DictConfig) -> None:
         f"({t.strategy}, {t.precision})"
     )
     for p in plans:
-        table = Table(title=f"stage {p['stage']} ({p['objective']}), {p['steps']} steps, mixture {p['mixture']}")
+        table = Table(
+            title=f"stage {p['stage']} ({p['objective']}), {p['steps']} steps, mixture {p['mixture']}"
+        )
         for col in ("component", "init", "trainable", "frozen"):
             table.add_column(col, justify="left" if col in ("component", "init") else "right")
         for comp, c in p["parameters"].items():

@@ -102,7 +102,9 @@ def _stage_row(name: str, stage_dir: Path, artifact: Path) -> dict[str, Any]:
     eval_path = stage_dir / "eval" / "eval.json"
     if eval_path.is_file():
         results = json.loads(eval_path.read_text())
-        row["eval"] = {split: r["overall"]["accuracy"] for split, r in results.items() if "overall" in r}
+        row["eval"] = {
+            split: r["overall"]["accuracy"] for split, r in results.items() if "overall" in r
+        }
         row["eval_report"] = str(stage_dir / "eval" / "eval.md")
     return row
 
@@ -126,7 +128,9 @@ def write_summary(rows: list[dict[str, Any]], run_dir: Path) -> None:
     console.print(table)
     for r in rows:
         if "eval_report" in r:
-            console.print(f"[bold]{r['stage']}[/] evaluation:\n" + Path(r["eval_report"]).read_text())
+            console.print(
+                f"[bold]{r['stage']}[/] evaluation:\n" + Path(r["eval_report"]).read_text()
+            )
     plot = plot_losses(rows, run_dir)
     console.print(f"summary: {run_dir / 'summary.json'}\nloss curves: {plot}")
 

@@ -111,6 +111,42 @@ class KillAfterStep(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def build_trainer(cfg: DictConfig, stage_dir: Path) -> L.Trainer:
+    stage = cfg.stage
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=stage_dir / "checkpoints",
+            every_n_train_steps=cfg.trainer.checkpoint_every,
+            save_last=True,
+            save_top_k=0,
+        )
+    ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(RichProgressBar())
+    if os.environ.get(KILL_ENV):
+        callbacks.append(KillAfterStep(int(os.environ[KILL_ENV])))
+    return L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        max_steps=stage.max_steps,
+        max_epochs=-1,
+        logger=build_logger(cfg, stage_dir),
+        callbacks=callbacks,
+        log_every_n_steps=cfg.trainer.log_every,
+        val_check_interval=stage.val_every or None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=stage.val_batches if stage.val_every else 0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        deterministic=cfg.trainer.deterministic,
+        default_root_dir=stage_dir,
+    )
+
+
 def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     """Train ``cfg.stage`` in ``run_dir/<stage name>``; return its artifact directory."""
     stage = cfg.stage
@@ -120,7 +156,9 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     init = resolve_init(stage, cfg.model, run_dir)
     # A stage is "the same" when its config and the artifacts it starts from are.
     sources = {k: read_manifest(v)["config_hash"] for k, v in init.items() if isinstance(v, Path)}
-    digest = config_hash({**{k: resolved[k] for k in ("model", "data", "stage", "seed")}, "sources": sources})
+    digest = config_hash(
+        {**{k: resolved[k] for k in ("model", "data", "stage", "seed")}, "sources": sources}
+    )
     if (artifact_dir / "manifest.json").is_file():
         done = read_manifest(artifact_dir)
         if done.get("config_hash") != digest:
@@ -145,41 +183,17 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     spec = model.vision_spec
     encoder = SampleEncoder(
         tokenizer,
-        ImageProcessor(build_image_processor(cfg.model.vision, spec), spec.patch_size, cfg.data.root),
+        ImageProcessor(
+            build_image_processor(cfg.model.vision, spec), spec.patch_size, cfg.data.root
+        ),
         cfg.model.image_token,
         stage.max_length,
     )
     datamodule = StageDataModule(cfg.data, stage, encoder, cfg.seed)
     module = OBJECTIVES[stage.objective](model, stage)
 
+    trainer = build_trainer(cfg, stage_dir)
     ckpt_dir = stage_dir / "checkpoints"
-    callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.trainer.checkpoint_every, save_last=True, save_top_k=0)
-    ]
-    if cfg.trainer.progress_bar:
-        callbacks.append(RichProgressBar())
-    if os.environ.get(KILL_ENV):
-        callbacks.append(KillAfterStep(int(os.environ[KILL_ENV])))
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision,
-        max_steps=stage.max_steps,
-        max_epochs=-1,
-        logger=build_logger(cfg, stage_dir),
-        callbacks=callbacks,
-        log_every_n_steps=cfg.trainer.log_every,
-        val_check_interval=stage.val_every or None,
-        check_val_every_n_epoch=None,
-        limit_val_batches=stage.val_batches if stage.val_every else 0,
-        num_sanity_val_steps=0,
-        enable_progress_bar=cfg.trainer.progress_bar,
-        enable_model_summary=False,
-        deterministic=cfg.trainer.deterministic,
-        default_root_dir=stage_dir,
-    )
     last = ckpt_dir / "last.ckpt"
     if last.is_file():
         console.print(f"[bold]stage {stage.name}[/]: resuming from {last}")
@@ -210,6 +224,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
                 "metrics": metrics,
             },
         )
+    # Other ranks must not read the artifact (next stage) before rank 0 has written it.
+    trainer.strategy.barrier("artifact")
     _print_end(stage, metrics, artifact_dir, stage_dir)
     evaluate_if_asked(cfg, artifact_dir, stage_dir)
     return artifact_dir
@@ -236,7 +252,9 @@ def _print_start(stage: DictConfig, model: VisionLanguageModel, init: dict[str, 
 
 
 @rank_zero_only
-def _print_end(stage: DictConfig, metrics: dict[str, float], artifact_dir: Path, stage_dir: Path) -> None:
+def _print_end(
+    stage: DictConfig, metrics: dict[str, float], artifact_dir: Path, stage_dir: Path
+) -> None:
     loss = metrics.get("train/loss")
     console.print(
         f"[bold]stage {stage.name}[/] done: {metrics['steps']} steps in {metrics['wall_time_s']:.1f}s"

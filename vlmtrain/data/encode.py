@@ -39,9 +39,11 @@ class SampleEncoder:
         n_images = len(sample["images"])
         if n_placeholders != n_images:
             raise DataError(
-                sid, source, f"{n_placeholders} {self.image_token} placeholders but {n_images} images"
+                sid,
+                source,
+                f"{n_placeholders} {self.image_token} placeholders but {n_images} images",
             )
-        if any(m and t == self.image_token_id for t, m in zip(ids, mask)):
+        if any(m and t == self.image_token_id for t, m in zip(ids, mask, strict=True)):
             raise DataError(sid, source, f"{self.image_token} inside an assistant turn")
 
         pixel_values = None
@@ -63,7 +65,10 @@ class SampleEncoder:
             ids, mask = ids[: self.max_length], mask[: self.max_length]
         if not any(mask):
             raise DataError(
-                sid, source, "no supervised (assistant) token" + (" after truncation" if len(ids) == self.max_length else "")
+                sid,
+                source,
+                "no supervised (assistant) token"
+                + (" after truncation" if len(ids) == self.max_length else ""),
             )
         input_ids = torch.tensor(ids, dtype=torch.long)
         return {
@@ -77,7 +82,7 @@ class SampleEncoder:
 def _expand(ids: list[int], mask: list[int], token: int, n: int) -> tuple[list[int], list[int]]:
     """Repeat each placeholder ``n`` times; image positions are never supervised."""
     out_ids, out_mask = [], []
-    for t, m in zip(ids, mask):
+    for t, m in zip(ids, mask, strict=True):
         if t == token:
             out_ids.extend([token] * n)
             out_mask.extend([0] * n)

@@ -31,7 +31,9 @@ class ImageProcessor:
         except FileNotFoundError:
             raise DataError(sample_id, source, f"image {str(path)!r} not found") from None
         except (UnidentifiedImageError, OSError) as e:
-            raise DataError(sample_id, source, f"image {str(path)!r} cannot be decoded ({e})") from None
+            raise DataError(
+                sample_id, source, f"image {str(path)!r} cannot be decoded ({e})"
+            ) from None
         if min(image.size) < self.patch_size:
             raise DataError(
                 sample_id,

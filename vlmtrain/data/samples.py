@@ -15,7 +15,13 @@ from typing import Any
 
 import datasets
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 class DataError(ValueError):
@@ -83,7 +89,9 @@ def load_samples(path: str | Path) -> datasets.Dataset:
             "id": datasets.Value("string"),
             "source": datasets.Value("string"),
             "images": datasets.List(datasets.Value("string")),
-            "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+            "messages": datasets.List(
+                {"role": datasets.Value("string"), "content": datasets.Value("string")}
+            ),
             "text": datasets.Value("string"),
         }
     )

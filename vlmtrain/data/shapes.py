@@ -8,14 +8,13 @@ subject of every `test_unseen` question, which measures compositional generalisa
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
 import shutil
-import struct
 import time
 import uuid
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -130,17 +129,9 @@ def render_scene(objects: Sequence[Obj], canvas: int) -> Image.Image:
 
 
 def png_bytes(img: Image.Image) -> bytes:
-    """Minimal RGB PNG (filter 0 + zlib): ~2x faster than PIL's encoder for tiny images."""
-    w, h = img.size
-    raw, stride = img.tobytes(), 3 * w
-    rows = b"".join(b"\x00" + raw[y * stride : (y + 1) * stride] for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
-    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 6)) + chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + body
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def caption_of(objects: Sequence[Obj]) -> str:

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.data.chat import render_prompt
 from vlmtrain.data.encode import _expand
-from vlmtrain.data.samples import DataError, read_records, normalize
+from vlmtrain.data.samples import DataError, normalize, read_records
 
 
 @dataclass

@@ -10,7 +10,9 @@ from vlmtrain.config import LoraConfig, TrainableConfig
 from vlmtrain.model.vlm import VisionLanguageModel
 
 
-def apply_trainable(model: VisionLanguageModel, trainable: TrainableConfig, lora: LoraConfig) -> None:
+def apply_trainable(
+    model: VisionLanguageModel, trainable: TrainableConfig, lora: LoraConfig
+) -> None:
     """Freeze / unfreeze each component; with LoRA, wrap the LM and train only its adapters."""
     for name, module in model.components().items():
         module.requires_grad_(bool(getattr(trainable, name)))

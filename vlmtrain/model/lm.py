@@ -47,7 +47,9 @@ def lm_config_from_dims(cfg: LMConfig, vocab_size: int):
     )
 
 
-def build_lm(cfg: LMConfig, vocab_size: int, *, device: str | torch.device | None = None) -> PreTrainedModel:
+def build_lm(
+    cfg: LMConfig, vocab_size: int, *, device: str | torch.device | None = None
+) -> PreTrainedModel:
     """Build (random init) or load the LM, then grow its embeddings to ``vocab_size``.
 
     On the meta device (planning), a pretrained path contributes only its config."""

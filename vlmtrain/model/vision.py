@@ -105,7 +105,9 @@ def _cut(model: nn.Module, feature_layer: int) -> None:
         model.config.vision_use_head = False
 
 
-def build_vision_tower(cfg: VisionConfig, *, device: str | torch.device | None = None) -> VisionTower:
+def build_vision_tower(
+    cfg: VisionConfig, *, device: str | torch.device | None = None
+) -> VisionTower:
     """Build a tower from dimensions (random init) or load it from ``cfg.path``."""
     if cfg.type not in _TOWERS:
         raise ValueError(f"model.vision.type={cfg.type!r}: expected one of {sorted(_TOWERS)}")
@@ -114,7 +116,11 @@ def build_vision_tower(cfg: VisionConfig, *, device: str | torch.device | None =
         model = model_cls.from_pretrained(cfg.path, local_files_only=True)
     else:
         # On the meta device (planning), a pretrained path contributes only its config.
-        config = config_cls.from_pretrained(cfg.path, local_files_only=True) if cfg.path else _config_from_dims(cfg)
+        config = (
+            config_cls.from_pretrained(cfg.path, local_files_only=True)
+            if cfg.path
+            else _config_from_dims(cfg)
+        )
         with torch.device(device or "cpu"):
             model = model_cls(config)
     _cut(model, cfg.feature_layer)

@@ -74,7 +74,10 @@ class NextTokenModule(L.LightningModule):
             self.stage.max_steps, self.stage.optim.warmup_ratio, self.stage.optim.min_lr_ratio
         )
         scheduler = LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def training_step(self, batch: dict, batch_idx: int):
         optimizer = self.optimizers()
@@ -83,7 +86,9 @@ class NextTokenModule(L.LightningModule):
         local_tokens = supervised_tokens(batch["labels"])
         step_tokens = self.trainer.strategy.reduce(local_tokens.float(), reduce_op="sum")
         if step_tokens == 0:
-            raise RuntimeError(f"step {self.global_step}: no supervised token in the batch {batch['ids']}")
+            raise RuntimeError(
+                f"step {self.global_step}: no supervised token in the batch {batch['ids']}"
+            )
         # DDP averages gradients over ranks; scaling by world/step_tokens makes the
         # result the per-token mean over the whole step.
         scale = world / step_tokens
@@ -99,7 +104,11 @@ class NextTokenModule(L.LightningModule):
         if self.global_step == 0:
             self._check_every_trainable_has_grad()
         if self.stage.optim.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.stage.optim.grad_clip, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.stage.optim.grad_clip,
+                gradient_clip_algorithm="norm",
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -112,16 +121,24 @@ class NextTokenModule(L.LightningModule):
     def _touch_image_path(self) -> torch.Tensor:
         """A rank whose batch holds no image must still produce gradients (zeros) for the
         trainable vision/projector parameters, or DDP waits forever for them."""
-        if not any(p.requires_grad for m in (self.model.vision_tower, self.model.multi_modal_projector) for p in m.parameters()):
+        if not any(
+            p.requires_grad
+            for m in (self.model.vision_tower, self.model.multi_modal_projector)
+            for p in m.parameters()
+        ):
             return torch.zeros((), device=self.device)
         spec = self.model.vision_spec
         dummy = torch.zeros(1, 3, spec.image_size, spec.image_size, device=self.device)
         return 0.0 * self.model.image_features(dummy).sum()
 
     def _check_every_trainable_has_grad(self) -> None:
-        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        missing = [
+            n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None
+        ]
         if missing:
-            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            shown = ", ".join(missing[:10]) + (
+                f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            )
             raise RuntimeError(
                 f"{len(missing)} trainable parameters got no gradient at the first step: {shown}. "
                 "Freeze them (stage.trainable) or check the forward path."
@@ -145,7 +162,12 @@ class NextTokenModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int):
         logits = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
         self._val_sums.append(
-            torch.stack([token_loss_sum(logits, batch["labels"]).detach(), supervised_tokens(batch["labels"]).float()])
+            torch.stack(
+                [
+                    token_loss_sum(logits, batch["labels"]).detach(),
+                    supervised_tokens(batch["labels"]).float(),
+                ]
+            )
         )
 
     def on_validation_epoch_end(self) -> None:
@@ -162,7 +184,13 @@ class NextTokenModule(L.LightningModule):
         checkpoint["vlmtrain_rng"] = {
             "torch": torch.get_rng_state(),
             "python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "numpy": [
+                kind,
+                torch.from_numpy(keys.astype(np.int64)),
+                int(pos),
+                int(has_gauss),
+                float(gauss),
+            ],
         }
         checkpoint["vlmtrain_tokens_seen"] = self.tokens_seen
 
