@@ -45,13 +45,16 @@ def base_args(shapes_root: Path, out: Path, stages: tuple[str, ...] = ("stage",)
     return args
 
 
-def losses(metrics_csv: Path) -> dict[int, tuple[str, str]]:
-    """step -> (loss, lr) as logged; a step logged twice (redone after a kill) keeps the last."""
+def losses(metrics_csv: Path) -> dict[int, tuple[str, ...]]:
+    """step -> (loss, learning rates...) as logged; a step logged twice (redone after a
+    kill) keeps the last."""
     out = {}
     with metrics_csv.open() as f:
         for row in csv.DictReader(f):
             if row.get("train/loss"):
-                out[int(row["step"])] = (row["train/loss"], row["train/lr"])
+                lrs = tuple(row[k] for k in sorted(row) if k.startswith("train/lr_"))
+                assert lrs, "no learning rate logged"
+                out[int(row["step"])] = (row["train/loss"], *lrs)
     return out
 
 

@@ -35,7 +35,8 @@ class VisionConfig:
 
 @dataclass
 class ProjectorConfig:
-    type: str = "mlp2x_gelu"  # linear | mlp2x_gelu
+    type: str = "mlp2x_gelu"  # linear | mlp2x_gelu | pixel_shuffle_mlp
+    downsample: int = 2  # pixel_shuffle_mlp: r x r patches per image token
 
 
 @dataclass

@@ -110,7 +110,7 @@ def plan_stage(cfg: DictConfig) -> dict[str, Any]:
         "mixture": dict(stage.mixture),
         "init": init,
         "parameters": {k: {"trainable": t, "frozen": f} for k, (t, f) in counts.items()},
-        "image_tokens_per_image": model.vision_spec.tokens_per_image,
+        "image_tokens_per_image": model.tokens_per_image,
         "samples_per_step": samples_per_step,
         "max_tokens_per_step": samples_per_step * stage.max_length,
         "steps": stage.max_steps,

@@ -18,9 +18,10 @@ from vlmtrain.data.samples import DataError
 class ImageProcessor:
     """Wraps a transformers image processor for one vision tower."""
 
-    def __init__(self, processor, patch_size: int, image_root: str | Path):
+    def __init__(self, processor, patch_size: int, image_root: str | Path, downsample: int = 1):
         self.processor = processor
         self.patch_size = patch_size
+        self.downsample = downsample  # patches merged per image token, per side
         self.image_root = Path(image_root)
 
     def load(self, rel_path: str, sample_id: str, source: str) -> Image.Image:
@@ -49,4 +50,5 @@ class ImageProcessor:
 
     def tokens_per_image(self, pixel_values: torch.Tensor) -> int:
         h, w = pixel_values.shape[-2:]
-        return (h // self.patch_size) * (w // self.patch_size)
+        cell = self.patch_size * self.downsample
+        return (h // cell) * (w // cell)

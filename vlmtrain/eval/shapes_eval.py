@@ -162,10 +162,14 @@ def evaluate_split(
     ``chance`` defaults to the table for the file's split from ``meta.json`` next to it.
     """
     samples_path = Path(samples_path)
-    if isinstance(image_processor, ImageProcessor):
-        images = ImageProcessor(image_processor.processor, image_processor.patch_size, image_root)
-    else:
-        images = ImageProcessor(image_processor, model.vision_spec.patch_size, image_root)
+    processor = (
+        image_processor.processor
+        if isinstance(image_processor, ImageProcessor)
+        else image_processor
+    )
+    images = ImageProcessor(
+        processor, model.vision_spec.patch_size, image_root, model.token_downsample
+    )
     if chance is None:
         chance = chance_levels(samples_path.parent, _split_of(samples_path))
     samples = read_eval_samples(samples_path, limit)

@@ -53,7 +53,10 @@ class VisionLanguageModel(nn.Module):
         lm = build_lm(cfg.lm, vocab_size, device=device)
         with torch.device(device or "cpu"):
             projector = build_projector(
-                cfg.projector.type, vision.spec().hidden_size, lm.config.hidden_size
+                cfg.projector.type,
+                vision.spec().hidden_size,
+                lm.config.hidden_size,
+                cfg.projector.downsample,
             )
         return cls(vision, projector, lm, image_token_id)
 
@@ -69,6 +72,15 @@ class VisionLanguageModel(nn.Module):
     @property
     def vision_spec(self) -> VisionSpec:
         return self.vision_tower.spec()
+
+    @property
+    def token_downsample(self) -> int:
+        """Patches per image token along each side (pixel shuffle merges r x r patches)."""
+        return getattr(self.multi_modal_projector, "downsample", 1)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision_spec.tokens_per_image // self.token_downsample**2
 
     # ----------------------------------------------------------------------- forward
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,7 @@ class NextTokenModule(L.LightningModule):
 
         loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum") / step_tokens
         self.tokens_seen += int(batch["attention_mask"].sum()) * world
-        self._log_step(loss, batch, scheduler.get_last_lr()[0])
+        self._log_step(loss, batch, optimizer)
         return loss
 
     def _touch_image_path(self) -> torch.Tensor:
@@ -144,10 +144,13 @@ class NextTokenModule(L.LightningModule):
                 "Freeze them (stage.trainable) or check the forward path."
             )
 
-    def _log_step(self, loss: torch.Tensor, batch: dict, lr: float) -> None:
+    def _log_step(self, loss: torch.Tensor, batch: dict, optimizer) -> None:
         now = time.perf_counter()
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=1)
-        self.log("train/lr", lr, on_step=True, batch_size=1)
+        # One learning rate per component (its decay and no-decay groups share it).
+        lrs = {g["name"].removesuffix("_no_decay"): g["lr"] for g in optimizer.param_groups}
+        for name, lr in lrs.items():
+            self.log(f"train/lr_{name}", lr, on_step=True, batch_size=1)
         if self._last_step_end is not None:
             dt = now - self._last_step_end
             world = self.trainer.world_size

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# A SLURM job that trains a recipe and survives pre-emption: requeue re-runs the same
+# command, which skips finished stages and resumes the interrupted one from its last
+# checkpoint (runs/<run_name>/<stage>/checkpoints/last.ckpt).
+#
+#   sbatch scripts/slurm_recipe.sh recipe=llava15 run_name=l15 model.vision.path=... ...
+#
+#SBATCH --job-name=vlmtrain
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR}"
+# Lightning reads SLURM's environment (one task per GPU). Not tested on a cluster yet.
+srun .venv/bin/vlmtrain trainer=gpu trainer.devices=8 trainer.num_nodes="${SLURM_NNODES}" "$@"
