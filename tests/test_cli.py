@@ -143,3 +143,20 @@ def test_lora_sft_stage_runs(shapes_root, tmp_path):
     ]
     vlmtrain(args, cwd=tmp_path)
     assert (tmp_path / "lora" / "sft" / "artifact" / "lm.safetensors").is_file()
+
+
+def test_pixel_shuffle_stage_trains_and_evaluates(shapes_root, tmp_path):
+    """The token count of a pixel-shuffle projector reaches the data pipeline and the
+    evaluator through the same path a user's run takes."""
+    args = [
+        *base_args(shapes_root, tmp_path),
+        "run_name=ps",
+        "stage=sft",
+        "stage.max_steps=2",
+        "model/projector=pixel_shuffle_mlp",
+        "stage.eval_splits=[test]",
+        "stage.eval_limit=10",
+    ]
+    vlmtrain(args, cwd=tmp_path)
+    result = json.loads((tmp_path / "ps" / "sft" / "eval" / "eval.json").read_text())
+    assert result["test"]["overall"]["n"] == 10

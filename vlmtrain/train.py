@@ -184,7 +184,10 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     encoder = SampleEncoder(
         tokenizer,
         ImageProcessor(
-            build_image_processor(cfg.model.vision, spec), spec.patch_size, cfg.data.root
+            build_image_processor(cfg.model.vision, spec),
+            spec.patch_size,
+            cfg.data.root,
+            model.token_downsample,
         ),
         cfg.model.image_token,
         stage.max_length,
