@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -30,9 +31,25 @@ def tokenizer_dir(shapes_root) -> Path:
     return shapes_root / "tokenizer"
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is faster than two, and immune to a loaded CPU
+    (two OpenMP threads on a busy 2-core machine make these tests 10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_COMPOSED: dict = {}
+
+
 @pytest.fixture()
 def compose(shapes_root):
-    """Compose the real Hydra config (conf/) with overrides, pointed at the small data."""
+    """Compose the real Hydra config (conf/) with overrides, pointed at the small data.
+    Memoized per overrides (composing costs ~0.2 s); each call gets its own copy."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -41,10 +58,13 @@ def compose(shapes_root):
     register_configs()
 
     def _compose(*overrides: str):
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            return hydra_compose(
-                config_name="config",
-                overrides=[f"data.root={shapes_root}", "data.generate=null", *overrides],
-            )
+        key = (str(shapes_root), overrides)
+        if key not in _COMPOSED:
+            with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+                _COMPOSED[key] = hydra_compose(
+                    config_name="config",
+                    overrides=[f"data.root={shapes_root}", "data.generate=null", *overrides],
+                )
+        return copy.deepcopy(_COMPOSED[key])
 
     return _compose

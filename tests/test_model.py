@@ -36,33 +36,6 @@ COMBOS = {
 
 
 # ------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster than two, and immune to a loaded CPU
-    (two OpenMP threads on a busy 2-core machine make these tests 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-_CONFIGS: dict = {}
-
-
-@pytest.fixture()
-def compose(compose, shapes_root):
-    """conftest's ``compose``, memoized per overrides (composing costs ~0.2 s; configs
-    are only read here)."""
-
-    def cached(*overrides: str):
-        key = (str(shapes_root), overrides)
-        if key not in _CONFIGS:
-            _CONFIGS[key] = compose(*overrides)
-        return _CONFIGS[key]
-
-    return cached
-
-
 @pytest.fixture()
 def tokenizer(compose):
     return load_tokenizer(compose().model)
