@@ -160,3 +160,23 @@ def test_pixel_shuffle_stage_trains_and_evaluates(shapes_root, tmp_path):
     vlmtrain(args, cwd=tmp_path)
     result = json.loads((tmp_path / "ps" / "sft" / "eval" / "eval.json").read_text())
     assert result["test"]["overall"]["n"] == 10
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_with_text_only_batches(shapes_root, tmp_path):
+    """Two gloo ranks with vision and projector trainable and batches that carry no image
+    at all: DDP still gets a gradient for every parameter on every rank (no hang, no
+    unused-parameter error); one run directory, one artifact."""
+    args = [
+        *base_args(shapes_root, tmp_path),
+        "run_name=ddp",
+        "stage=sft",
+        "trainer=ddp_cpu",
+        "stage.max_steps=3",
+        "stage.trainable.vision=true",
+        "stage.mixture.instruct=0",
+        "+stage.mixture.text=1.0",
+    ]
+    vlmtrain(args, cwd=tmp_path)
+    assert (tmp_path / "ddp" / "sft" / "artifact" / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ddp"]
