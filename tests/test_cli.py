@@ -180,3 +180,25 @@ def test_two_process_ddp_on_cpu_with_text_only_batches(shapes_root, tmp_path):
     vlmtrain(args, cwd=tmp_path)
     assert (tmp_path / "ddp" / "sft" / "artifact" / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ddp"]
+
+
+def test_wandb_logger_runs_offline_and_keeps_its_run_id(shapes_root, tmp_path):
+    args = [
+        *base_args(shapes_root, tmp_path),
+        "run_name=wb",
+        "stage=align",
+        "stage.max_steps=2",
+        "logger=wandb",
+        "trainer.checkpoint_every=1",
+    ]
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    vlmtrain(args, cwd=tmp_path, env=env)
+    runs = list((tmp_path / "wb" / "align" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_id = runs[0].name.rsplit("-", 1)[-1]
+    # The id is derived from the stage directory, so a resumed stage logs to the same run.
+    import hashlib
+
+    assert (
+        run_id == hashlib.sha1(str((tmp_path / "wb" / "align").resolve()).encode()).hexdigest()[:12]
+    )

@@ -144,6 +144,7 @@ def build_trainer(cfg: DictConfig, stage_dir: Path) -> L.Trainer:
         enable_model_summary=False,
         deterministic=cfg.trainer.deterministic,
         default_root_dir=stage_dir,
+        use_distributed_sampler=False,  # the datamodule shards by rank itself
     )
 
 

@@ -1,7 +1,9 @@
 """The LightningDataModule of a stage: its mixture, encoded on the fly, via stateful loaders.
 
-Train batches come from torchdata's ``StatefulDataLoader``, whose position is
-saved in every checkpoint, so a resumed run continues with the very next batch.
+Train batches come from torchdata's ``StatefulDataLoader`` over an
+``EpochShuffleSampler``; both positions are saved in every checkpoint, so a
+resumed run continues with the very next batch. Each rank takes its own shard
+(the trainer is told not to add a DistributedSampler).
 One train batch holds ``batch_size * accumulate`` samples: one optimizer step.
 """
 
@@ -10,13 +12,13 @@ from __future__ import annotations
 from functools import partial
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vlmtrain.config import DataConfig, StageConfig
 from vlmtrain.data.encode import SampleEncoder, collate
 from vlmtrain.data.mixture import MixtureDataset
+from vlmtrain.data.sampler import EpochShuffleSampler
 from vlmtrain.data.samples import load_samples
 
 
@@ -60,12 +62,13 @@ class StageDataModule(L.LightningDataModule):
             self.val_set = self._mixture("val", self.stage.val_batches * self.stage.batch_size)
 
     def train_dataloader(self) -> StatefulDataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return StatefulDataLoader(
             self.train_set,
             batch_size=self.stage.batch_size * self.stage.accumulate,
-            shuffle=True,
+            sampler=EpochShuffleSampler(len(self.train_set), self.seed, rank, world),
             drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=self.collate,
             num_workers=self.data.num_workers,
         )

@@ -83,8 +83,10 @@ class NextTokenModule(L.LightningModule):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         world = self.trainer.world_size
-        local_tokens = supervised_tokens(batch["labels"])
-        step_tokens = self.trainer.strategy.reduce(local_tokens.float(), reduce_op="sum")
+        # One all-reduce for both counts: supervised tokens (the loss normalizer) and
+        # all non-padding tokens (throughput).
+        counts = torch.stack([supervised_tokens(batch["labels"]), batch["attention_mask"].sum()])
+        step_tokens, all_tokens = self.trainer.strategy.reduce(counts.float(), reduce_op="sum")
         if step_tokens == 0:
             raise RuntimeError(
                 f"step {self.global_step}: no supervised token in the batch {batch['ids']}"
@@ -114,8 +116,8 @@ class NextTokenModule(L.LightningModule):
         scheduler.step()
 
         loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum") / step_tokens
-        self.tokens_seen += int(batch["attention_mask"].sum()) * world
-        self._log_step(loss, batch, optimizer)
+        self.tokens_seen += int(all_tokens)
+        self._log_step(loss, batch, optimizer, int(all_tokens))
         return loss
 
     def _touch_image_path(self) -> torch.Tensor:
@@ -144,7 +146,7 @@ class NextTokenModule(L.LightningModule):
                 "Freeze them (stage.trainable) or check the forward path."
             )
 
-    def _log_step(self, loss: torch.Tensor, batch: dict, optimizer) -> None:
+    def _log_step(self, loss: torch.Tensor, batch: dict, optimizer, tokens: int) -> None:
         now = time.perf_counter()
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=1)
         # One learning rate per component (its decay and no-decay groups share it).
@@ -153,9 +155,7 @@ class NextTokenModule(L.LightningModule):
             self.log(f"train/lr_{name}", lr, on_step=True, batch_size=1)
         if self._last_step_end is not None:
             dt = now - self._last_step_end
-            world = self.trainer.world_size
-            tokens = float(batch["attention_mask"].sum()) * world
-            samples = float(batch["input_ids"].shape[0]) * world
+            samples = batch["input_ids"].shape[0] * self.trainer.world_size
             self.log("perf/step_time_s", dt, on_step=True, batch_size=1)
             self.log("perf/tokens_per_s", tokens / dt, on_step=True, batch_size=1)
             self.log("perf/samples_per_s", samples / dt, on_step=True, batch_size=1)
