@@ -1,0 +1,177 @@
+"""The shapes world itself: colours, shapes, sizes, scene layout and rendering.
+
+``vlmtrain.data.shapes`` turns scenes into questions, captions and files.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+SIZES: tuple[str, ...] = ("small", "large")
+QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "exist", "position")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "test_unseen")
+RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
+RGB: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 205, 20),
+    "purple": (140, 50, 180),
+    "orange": (245, 135, 20),
+}
+BACKGROUND = (235, 235, 235)
+MARGIN = 2  # px between boxes and to the canvas edge
+DOMINANCE = 2.0  # position asked only when one axis is >= 2x the other -> unambiguous
+CAPTION_PROMPTS: tuple[str, ...] = (
+    "Describe the image.",
+    "What is in the picture?",
+    "What do you see?",
+    "Describe the shapes in the image.",
+)
+REL_PHRASE = {r: f"to the {r} of" if r in ("left", "right") else r for r in RELATIONS}
+VERSION = 1
+Pair = tuple[str, str]
+
+
+@dataclass
+class ShapesConfig:
+    seed: int = 0
+    canvas: int = 64  # square RGB canvas, plain background
+    small: int = 10  # bounding-box side in px of "small" shapes
+    large: int = 18  # ... of "large" shapes
+    max_objects: int = 3  # 1..max_objects non-overlapping shapes per image
+    n_train: int = 2000  # VQA samples per question type in train
+    n_eval: int = 200  # per question type in val, test and test_unseen
+    n_captions_train: int = 4000  # caption samples in train (n_eval in the other splits)
+    n_chat_train: int = 2000  # multi-turn conversations in train (n_eval // 2 in val/test)
+    n_text_train: int = 4000  # text-only lines in train (n_eval in val/test)
+    holdout: tuple[tuple[str, str], ...] = (("red", "circle"), ("blue", "triangle"))
+
+
+def answers_for(cfg: ShapesConfig) -> dict[str, list[str]]:
+    """Answer set per question type (count depends on max_objects)."""
+    return {
+        "colour": list(COLOURS),
+        "shape": list(SHAPES),
+        "count": [str(k) for k in range(1, cfg.max_objects + 1)],
+        "exist": ["yes", "no"],
+        "position": list(RELATIONS),
+    }
+
+
+ANSWERS: dict[str, list[str]] = answers_for(ShapesConfig())
+
+
+@dataclass(frozen=True)
+class Obj:
+    colour: str
+    shape: str
+    size: str
+    x0: int
+    y0: int
+    side: int
+
+    @property
+    def pair(self) -> Pair:
+        return (self.colour, self.shape)
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.x0 + self.side / 2, self.y0 + self.side / 2)
+
+    def to_json(self) -> dict[str, Any]:
+        # bbox is [x0, y0, x1, y1] with x1/y1 exclusive.
+        b = [self.x0, self.y0, self.x0 + self.side, self.y0 + self.side]
+        return {"colour": self.colour, "shape": self.shape, "size": self.size, "bbox": b}
+
+
+def relation(a: Obj, b: Obj, min_sep: float) -> str | None:
+    """Where `a` is relative to `b`, or None when the displacement is ambiguous."""
+    dx, dy = a.centre[0] - b.centre[0], a.centre[1] - b.centre[1]
+    if abs(dx) >= DOMINANCE * abs(dy) and abs(dx) >= min_sep:
+        return "left" if dx < 0 else "right"
+    if abs(dy) >= DOMINANCE * abs(dx) and abs(dy) >= min_sep:
+        return "above" if dy < 0 else "below"  # image y grows downwards
+    return None
+
+
+def render_scene(objects: Sequence[Obj], canvas: int) -> Image.Image:
+    img = Image.new("RGB", (canvas, canvas), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for o in objects:
+        x1, y1 = o.x0 + o.side - 1, o.y0 + o.side - 1  # PIL boxes are inclusive
+        fill = RGB[o.colour]
+        if o.shape == "circle":
+            draw.ellipse([o.x0, o.y0, x1, y1], fill=fill)
+        elif o.shape == "square":
+            draw.rectangle([o.x0, o.y0, x1, y1], fill=fill)
+        else:  # upward isosceles triangle filling the box
+            draw.polygon([((o.x0 + x1) / 2, o.y0), (o.x0, y1), (x1, y1)], fill=fill)
+    return img
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _np(o: Obj) -> str:
+    return f"a {o.size} {o.colour} {o.shape}"
+
+
+def caption_of(objects: Sequence[Obj]) -> str:
+    """Deterministic caption: objects left to right (ties by y), so exact match is meaningful."""
+    objs = sorted(objects, key=lambda o: (o.centre[0], o.centre[1], o.colour, o.shape))
+    parts = [_np(o) for o in objs]
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return body + "."
+
+
+def _all_pairs() -> list[Pair]:
+    return [(c, s) for c in COLOURS for s in SHAPES]
+
+
+def _validate(cfg: ShapesConfig) -> None:
+    bad = [p for p in cfg.holdout if tuple(p) not in _all_pairs()]
+    if bad:
+        raise ValueError(f"holdout pairs not in the world: {bad}")
+    if not 2 <= cfg.max_objects < len(_all_pairs()) - len(cfg.holdout):
+        raise ValueError("need 2 <= max_objects < number of non-held-out colour-shape pairs")
+    if min(cfg.small, cfg.large) < 3 or max(cfg.small, cfg.large) + 2 * MARGIN > cfg.canvas:
+        raise ValueError("shape sizes must be >= 3 px and fit inside the canvas")
+
+
+def _place(rng: random.Random, cfg: ShapesConfig, specs: list[tuple[str, str, str]]) -> list[Obj]:
+    """Random non-overlapping placement (boxes >= MARGIN px apart and from the edge)."""
+    side_of = {"small": cfg.small, "large": cfg.large}
+    for _ in range(200):
+        placed: list[Obj] = []
+        for colour, shape, size in specs:
+            side = side_of[size]
+            hi = cfg.canvas - MARGIN - side
+            for _ in range(50):
+                o = Obj(colour, shape, size, rng.randint(MARGIN, hi), rng.randint(MARGIN, hi), side)
+                if all(_gap(o, p) >= MARGIN for p in placed):
+                    placed.append(o)
+                    break
+            else:
+                break
+        else:
+            return placed
+    raise RuntimeError("could not place the objects; use a larger canvas or smaller shapes")
+
+
+def _gap(a: Obj, b: Obj) -> int:
+    """Free pixels between two boxes along the axis that separates them most (<= 0: overlap)."""
+    return max(
+        b.x0 - a.x0 - a.side, a.x0 - b.x0 - b.side, b.y0 - a.y0 - a.side, a.y0 - b.y0 - b.side
+    )
