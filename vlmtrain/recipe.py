@@ -102,8 +102,10 @@ def _stage_row(name: str, stage_dir: Path, artifact: Path) -> dict[str, Any]:
     eval_path = stage_dir / "eval" / "eval.json"
     if eval_path.is_file():
         results = json.loads(eval_path.read_text())
-        row["eval"] = {
-            split: r["overall"]["accuracy"] for split, r in results.items() if "overall" in r
+        row["eval"] = {  # VQA splits; caption results are in eval.md
+            split: r["overall"]["accuracy"]
+            for split, r in results.items()
+            if "overall" in r and not split.startswith("caption_")
         }
         row["eval_report"] = str(stage_dir / "eval" / "eval.md")
     return row
