@@ -66,6 +66,7 @@ class ScriptedModel:
         self, script: dict[tuple[str, tuple[int, ...]], list[int]], spec: VisionSpec, image_id: int
     ):
         self.script, self.vision_spec, self.image_token_id = script, spec, image_id
+        self.token_downsample = 1  # one image token per patch, as with an MLP projector
         self.batch_sizes: list[int] = []
 
     def generate(

@@ -48,7 +48,7 @@ def train_main(cfg: DictConfig) -> None:
     if cfg.plan:
         from vlmtrain.plan import plan_recipe
 
-        plan_recipe(cfg)
+        plan_recipe(cfg, run_dir)
         return
     run_recipe(cfg, run_dir)
 

@@ -118,9 +118,9 @@ def plan_stage(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def plan_recipe(cfg: DictConfig) -> list[dict[str, Any]]:
+def plan_recipe(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
     stages = stage_list(cfg)
-    check_order(stages)
+    check_order(stages, run_dir)
     plans = [plan_stage(stage_config(cfg, name, stage)) for name, stage in stages]
     print_plan(plans, cfg)
     return plans

@@ -33,17 +33,25 @@ def stage_list(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     return list(cfg.stages.items())
 
 
-def check_order(stages: list[tuple[str, DictConfig]]) -> None:
-    """Every ``from:<stage>`` names an earlier stage; checked before anything trains."""
+def check_order(stages: list[tuple[str, DictConfig]], run_dir: Path | None = None) -> None:
+    """Every ``from:<stage>`` names an earlier stage of this recipe, or a stage already
+    finished in ``run_dir`` (a single-stage run continuing an earlier one); checked
+    before anything trains."""
     seen: list[str] = []
     for name, stage in stages:
         for comp in COMPONENTS:
             spec = str(stage.init[comp])
-            if spec.startswith("from:") and spec[5:] not in seen:
-                raise ValueError(
-                    f"stages.{name}.init.{comp}={spec!r}: no earlier stage of that name "
-                    f"(earlier stages: {seen or 'none'})"
-                )
+            if not spec.startswith("from:") or spec[5:] in seen:
+                continue
+            if (
+                run_dir is not None
+                and (Path(run_dir) / spec[5:] / "artifact" / "manifest.json").is_file()
+            ):
+                continue
+            raise ValueError(
+                f"stages.{name}.init.{comp}={spec!r}: no earlier stage of that name in this "
+                f"recipe (earlier stages: {seen or 'none'}) and no finished one in {run_dir}"
+            )
         seen.append(name)
 
 
@@ -77,7 +85,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     from vlmtrain.train import run_stage
 
     stages = stage_list(cfg)
-    check_order(stages)
+    check_order(stages, run_dir)
     rows = []
     for name, stage in stages:
         scfg = stage_config(cfg, name, stage)
