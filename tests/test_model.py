@@ -147,18 +147,17 @@ def test_clip_qwen2_preset_cuts_penultimate_layer(compose):
     assert tower.config.num_hidden_layers == cfg.model.vision.num_hidden_layers - 1
 
 
+# A small transformers vision tower, for comparing against the uncut reference model.
+SMALL_TOWER = dict(
+    image_size=64, patch_size=8, hidden_size=32, intermediate_size=64, num_attention_heads=4
+)
+
+
 @pytest.mark.parametrize("vision_type", ["siglip", "clip"])
 @pytest.mark.parametrize("feature_layer,hidden_index", [(-1, 3), (-2, 2), (1, 1)])
 def test_feature_layer_matches_uncut_tower_hidden_states(vision_type, feature_layer, hidden_index):
     """Features of layer k are hidden_states[k] of the full transformers tower (Llava)."""
-    dims = dict(
-        image_size=64,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-    )
+    dims = {**SMALL_TOWER, "num_hidden_layers": 3}
     torch.manual_seed(0)
     if vision_type == "siglip":
         ref = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, **dims)).eval()
@@ -181,14 +180,7 @@ def test_siglip_tower_without_pooling_head(compose, tmp_path):
     tower = build_vision_tower(cfg.model.vision)
     assert not any("head" in n for n, _ in tower.named_parameters())
     # A pretrained SigLIP directory with a pooling head: the head is dropped on load.
-    dims = dict(
-        image_size=64,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-    )
+    dims = {**SMALL_TOWER, "num_hidden_layers": 2}
     SiglipVisionModel(SiglipVisionConfig(vision_use_head=True, **dims)).save_pretrained(
         tmp_path / "sig"
     )
