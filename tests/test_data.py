@@ -20,7 +20,12 @@ from vlmtrain.data.samples import DataError, load_samples, normalize
 from vlmtrain.model.lm import load_tokenizer
 from vlmtrain.model.vision import VisionSpec, build_image_processor
 from vlmtrain.model.vlm import VisionLanguageModel
-from vlmtrain.objectives.next_token import micro_batches, supervised_tokens, token_loss_sum
+from vlmtrain.objectives.next_token import (
+    REDUCTION_EXPONENTS,
+    loss_normalizer,
+    micro_batches,
+    token_loss_sum,
+)
 
 TOKENS_PER_IMAGE = 64  # (64 px / 8 px patches)^2 for the tiny model
 IMG = "<image>" * TOKENS_PER_IMAGE
@@ -159,7 +164,7 @@ def test_padded_positions_are_masked_in_a_batch(cfg, tokenizer, tmp_path):
     assert (batch["labels"][0, n:] == IGNORE_INDEX).all()
     assert (batch["input_ids"][0, n:] == tokenizer.pad_token_id).all()
     # The loss sees exactly the supervised tokens (shifted by one).
-    assert supervised_tokens(batch["labels"]) == (
+    assert loss_normalizer(batch["labels"]) == (
         (short["labels"][1:] != IGNORE_INDEX).sum() + (long["labels"][1:] != IGNORE_INDEX).sum()
     )
 
@@ -546,13 +551,13 @@ def test_stage_datamodule_batches_are_consistent_and_seeded(compose, tokenizer):
 
 
 # ---------------------------------------- 7. gradient accumulation leaves the step unchanged
-def _step(model, batch, size):
+def _step(model, batch, size, exponent=0.0):
     model.zero_grad(set_to_none=True)
-    total = supervised_tokens(batch["labels"])
+    total = loss_normalizer(batch["labels"], exponent)
     loss_sum = torch.zeros(())
     for mb in micro_batches(batch, size):
         logits = model(mb["input_ids"], mb["attention_mask"], mb["pixel_values"])
-        mb_loss = token_loss_sum(logits, mb["labels"])
+        mb_loss = token_loss_sum(logits, mb["labels"], exponent)
         (mb_loss / total).backward()
         loss_sum += mb_loss.detach()
     grads = {
@@ -562,7 +567,11 @@ def _step(model, batch, size):
     return loss_sum / total, grads
 
 
-def test_loss_and_gradients_do_not_depend_on_micro_batch_size(compose, tokenizer, shapes_root):
+@pytest.mark.parametrize("reduction", sorted(REDUCTION_EXPONENTS))
+def test_loss_and_gradients_do_not_depend_on_micro_batch_size(
+    compose, tokenizer, shapes_root, reduction
+):
+    exponent = REDUCTION_EXPONENTS[reduction]
     cfg = compose()
     enc = make_encoder(cfg, tokenizer, shapes_root, max_length=256)
     samples = [
@@ -581,20 +590,27 @@ def test_loss_and_gradients_do_not_depend_on_micro_batch_size(compose, tokenizer
     model = VisionLanguageModel.build(cfg.model, tokenizer)  # every component trainable
     model.train()
 
-    ref_loss, ref_grads = _step(model, batch, 4)
+    ref_loss, ref_grads = _step(model, batch, 4, exponent)
     assert torch.isfinite(ref_loss) and ref_loss > 0
     # The vision tower really gets gradient through the image positions.
     assert ref_grads["vision_tower.model.embeddings.patch_embedding.weight"].abs().sum() > 0
     for size in (1, 2):
-        loss, grads = _step(model, batch, size)
+        loss, grads = _step(model, batch, size, exponent)
         assert torch.allclose(loss, ref_loss, atol=1e-6), (size, loss, ref_loss)
         for name, g in ref_grads.items():
             assert torch.allclose(grads[name], g, atol=1e-6), (size, name)
 
-    # Sanity: averaging per-micro-batch means instead would differ (lengths differ).
+    # The weighting itself: with per-sample mean losses m_i over x_i supervised tokens,
+    # a token weighs x_i^-p, so the step loss is sum(x_i^(1-p) m_i) / sum(x_i^(1-p)).
     with torch.no_grad():
-        means = []
+        means, sizes = [], []
         for mb in micro_batches(batch, 1):
             logits = model(mb["input_ids"], mb["attention_mask"], mb["pixel_values"])
-            means.append(token_loss_sum(logits, mb["labels"]) / supervised_tokens(mb["labels"]))
-    assert not torch.allclose(torch.stack(means).mean(), ref_loss, atol=1e-4)
+            sizes.append(loss_normalizer(mb["labels"]))
+            means.append(token_loss_sum(logits, mb["labels"]) / sizes[-1])
+    means, sizes = torch.stack(means), torch.stack(sizes)
+    assert len(set(sizes.tolist())) > 1  # else every reduction would agree
+    w = sizes ** (1 - exponent)
+    assert torch.allclose((w * means).sum() / w.sum(), ref_loss, atol=1e-6)
+    # Sanity: the plain mean of sample means is "sample" and nothing else.
+    assert torch.allclose(means.mean(), ref_loss, atol=1e-4) == (reduction == "sample")

@@ -23,7 +23,12 @@ from vlmtrain.model.freezing import apply_trainable, parameter_counts
 from vlmtrain.model.lm import load_tokenizer
 from vlmtrain.model.vision import VisionSpec, build_image_processor, build_vision_tower
 from vlmtrain.model.vlm import VisionLanguageModel
-from vlmtrain.objectives.next_token import NextTokenModule, supervised_tokens, token_loss_sum
+from vlmtrain.objectives.next_token import (
+    NextTokenModule,
+    loss_normalizer,
+    supervised_positions,
+    token_loss_sum,
+)
 from vlmtrain.objectives.optim import build_optimizer, param_groups, warmup_cosine
 from vlmtrain.train import build_model, resolve_init
 
@@ -77,7 +82,7 @@ def text_batch(tokenizer, n=2):
 
 def loss_of(model, batch):
     logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-    return token_loss_sum(logits, batch["labels"]) / supervised_tokens(batch["labels"])
+    return token_loss_sum(logits, batch["labels"]) / loss_normalizer(batch["labels"])
 
 
 def tensor_hashes(module: nn.Module) -> dict[str, str]:
@@ -137,6 +142,35 @@ def test_forward_shapes_and_vision_gradients(compose, tokenizer, combo):
     assert no_grad == []
     zero = [n for n, p in model.vision_tower.named_parameters() if p.grad.abs().sum() == 0]
     assert zero == []
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("model.lm.type=qwen2",),
+        # Gemma 2 soft-caps its logits in the causal-LM head; the shortcut must too.
+        ("model.lm.type=gemma2", "+model.lm.extra.final_logit_softcapping=0.5"),
+    ],
+    ids=["llama", "qwen2", "gemma2-softcap"],
+)
+@pytest.mark.parametrize("lora", [False, True])
+def test_logits_at_supervised_positions_match_the_full_head(compose, tokenizer, overrides, lora):
+    cfg = compose("stage=sft", f"stage.lora.enabled={lora}", *overrides)
+    model = build(cfg, tokenizer)
+    apply_trainable(model, cfg.stage.trainable, cfg.stage.lora)
+    batch = real_batch(cfg, tokenizer, n=2)
+    at = supervised_positions(batch["labels"])
+    assert 0 < at.sum() < at.numel() / 4  # a VQA/caption batch: few positions need logits
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    full = model(*inputs)
+    if "gemma2" in str(overrides):
+        assert full.abs().max() <= 0.5  # the cap is really in force
+    torch.testing.assert_close(model(*inputs, logits_at=at), full[at], atol=1e-5, rtol=1e-5)
+    # The loss from either form is the same number.
+    loss_full = token_loss_sum(full, batch["labels"], 0.5)
+    loss_at = token_loss_sum(model(*inputs, logits_at=at), batch["labels"], 0.5)
+    torch.testing.assert_close(loss_at, loss_full, atol=1e-5, rtol=1e-5)
 
 
 def test_clip_qwen2_preset_cuts_penultimate_layer(compose):

@@ -138,6 +138,10 @@ class StageConfig:
     # Weighted mixture over data.datasets by name, e.g. {vqa: 0.7, caption: 0.3}.
     mixture: dict[str, float] = field(default_factory=dict)
     max_length: int = 256
+    # How supervised tokens are weighted (InternVL 2.5): each token of a sample with x
+    # supervised tokens weighs x^-p, p = 0 ("token"), 0.5 ("square") or 1 ("sample").
+    # "token" lets long answers (captions) drown one-word ones; "sample" the reverse.
+    loss_reduction: str = "token"
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     init: InitConfig = field(default_factory=InitConfig)

@@ -111,16 +111,30 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Return the LM logits (B, L, V)."""
+        """The LM logits: (B, L, V), or (N, V) at the N positions where the boolean
+        (B, L) mask ``logits_at`` is set.
+
+        Training needs logits only where a supervised token is predicted: a few
+        percent of the positions of a VQA sample, whose 64-576 image positions never
+        are. Skipping the rest saves the LM head's compute and, with a real
+        vocabulary, most of the activation memory.
+        """
         embeds = self.embed(input_ids, pixel_values)
-        out = self.language_model(
+        kwargs = dict(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
         )
-        return out.logits
+        if logits_at is None:
+            return self.language_model(**kwargs).logits
+        # The same path as the causal-LM head: decoder, then head, then (Gemma) soft cap.
+        hidden = self.language_model.get_decoder()(**kwargs).last_hidden_state
+        logits = self.language_model.get_output_embeddings()(hidden[logits_at])
+        cap = getattr(self.language_model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     @torch.no_grad()
     def generate(

@@ -2,8 +2,9 @@
 
 One dataloader batch is one optimizer step for this rank; the module splits it
 into micro-batches itself (manual optimization) so that the loss is normalized
-by the supervised tokens of the whole step, across micro-batches and ranks:
-how a batch is split never changes the loss or the gradient.
+by the total weight of the supervised tokens of the whole step (one per token by
+default; see ``stage.loss_reduction``), across micro-batches and ranks: how a
+batch is split never changes the loss or the gradient.
 """
 
 from __future__ import annotations
@@ -23,18 +24,50 @@ from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.optim import build_optimizer, param_groups, warmup_cosine
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of each position predicting the next supervised token."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+# stage.loss_reduction -> exponent p: a token of a sample with x supervised tokens weighs x^-p.
+REDUCTION_EXPONENTS = {"token": 0.0, "square": 0.5, "sample": 1.0}
 
 
-def supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
+def reduction_exponent(name: str) -> float:
+    if name not in REDUCTION_EXPONENTS:
+        raise ValueError(
+            f"stage.loss_reduction={name!r}; expected one of {sorted(REDUCTION_EXPONENTS)}"
+        )
+    return REDUCTION_EXPONENTS[name]
+
+
+def token_weights(labels: torch.Tensor, exponent: float = 0.0) -> torch.Tensor:
+    """Weight of each position's next-token loss: 0 where unsupervised, x^-exponent
+    elsewhere (x: the sample's supervised tokens). Depends on the sample alone, so
+    micro-batches can compute it themselves."""
+    supervised = (labels[:, 1:] != IGNORE_INDEX).float()
+    if exponent == 0.0:
+        return supervised
+    per_sample = supervised.sum(1, keepdim=True).clamp(min=1.0)
+    return supervised * per_sample.pow(-exponent)
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) mask of the positions whose next token is supervised: where logits matter."""
+    at = torch.zeros_like(labels, dtype=torch.bool)
+    at[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return at
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, exponent: float = 0.0):
+    """Weighted sum of the cross-entropy of each position predicting the next supervised
+    token. ``logits`` are (B, L, V), or (N, V) at ``supervised_positions(labels)`` only."""
+    at = supervised_positions(labels)[:, :-1]
+    if logits.dim() == 3:
+        logits = logits[:, :-1][at]
+    ce = F.cross_entropy(logits.float(), labels[:, 1:][at], reduction="none")
+    return (ce * token_weights(labels, exponent)[at]).sum()
+
+
+def loss_normalizer(labels: torch.Tensor, exponent: float = 0.0) -> torch.Tensor:
+    """The total weight ``token_loss_sum`` is divided by: supervised tokens for "token",
+    samples for "sample"."""
+    return token_weights(labels, exponent).sum()
 
 
 def micro_batches(batch: dict, size: int):
@@ -65,6 +98,7 @@ class NextTokenModule(L.LightningModule):
         self._last_step_end: float | None = None
         self._val_sums: list[torch.Tensor] = []
         self.tokens_seen = 0  # non-padding tokens (text + image) over all ranks
+        self.exponent = reduction_exponent(stage.loss_reduction)
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self):
@@ -83,21 +117,31 @@ class NextTokenModule(L.LightningModule):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         world = self.trainer.world_size
-        # One all-reduce for both counts: supervised tokens (the loss normalizer) and
-        # all non-padding tokens (throughput).
-        counts = torch.stack([supervised_tokens(batch["labels"]), batch["attention_mask"].sum()])
-        step_tokens, all_tokens = self.trainer.strategy.reduce(counts.float(), reduce_op="sum")
-        if step_tokens == 0:
+        # One all-reduce for both: the loss normalizer (total token weight of the step)
+        # and all non-padding tokens (throughput).
+        counts = torch.stack(
+            [
+                loss_normalizer(batch["labels"], self.exponent),
+                batch["attention_mask"].sum().float(),
+            ]
+        )
+        step_weight, all_tokens = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        if step_weight == 0:
             raise RuntimeError(
                 f"step {self.global_step}: no supervised token in the batch {batch['ids']}"
             )
-        # DDP averages gradients over ranks; scaling by world/step_tokens makes the
-        # result the per-token mean over the whole step.
-        scale = world / step_tokens
+        # DDP averages gradients over ranks; scaling by world/step_weight makes the
+        # result the weighted mean over the whole step.
+        scale = world / step_weight
         loss_sum = torch.zeros((), device=self.device)
         for mb in micro_batches(batch, self.stage.batch_size):
-            logits = self.model(mb["input_ids"], mb["attention_mask"], mb["pixel_values"])
-            mb_loss = token_loss_sum(logits, mb["labels"])
+            logits = self.model(
+                mb["input_ids"],
+                mb["attention_mask"],
+                mb["pixel_values"],
+                logits_at=supervised_positions(mb["labels"]),
+            )
+            mb_loss = token_loss_sum(logits, mb["labels"], self.exponent)
             if mb["pixel_values"] is None and world > 1:
                 mb_loss = mb_loss + self._touch_image_path()
             self.manual_backward(mb_loss * scale)
@@ -115,7 +159,7 @@ class NextTokenModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
-        loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum") / step_tokens
+        loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum") / step_weight
         self.tokens_seen += int(all_tokens)
         self._log_step(loss, batch, optimizer, int(all_tokens))
         return loss
@@ -163,12 +207,17 @@ class NextTokenModule(L.LightningModule):
 
     # -------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int):
-        logits = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        logits = self.model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            logits_at=supervised_positions(batch["labels"]),
+        )
         self._val_sums.append(
             torch.stack(
                 [
-                    token_loss_sum(logits, batch["labels"]).detach(),
-                    supervised_tokens(batch["labels"]).float(),
+                    token_loss_sum(logits, batch["labels"], self.exponent).detach(),
+                    loss_normalizer(batch["labels"], self.exponent),
                 ]
             )
         )
