@@ -23,7 +23,6 @@ from vlmtrain.data.chat import IGNORE_INDEX
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.optim import build_optimizer, param_groups, warmup_cosine
 
-
 # stage.loss_reduction -> exponent p: a token of a sample with x supervised tokens weighs x^-p.
 REDUCTION_EXPONENTS = {"token": 0.0, "square": 0.5, "sample": 1.0}
 
