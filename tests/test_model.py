@@ -80,9 +80,11 @@ def text_batch(tokenizer, n=2):
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": None}
 
 
-def loss_of(model, batch):
+def loss_of(model, batch, exponent=0.0):
     logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-    return token_loss_sum(logits, batch["labels"]) / loss_normalizer(batch["labels"])
+    return token_loss_sum(logits, batch["labels"], exponent) / loss_normalizer(
+        batch["labels"], exponent
+    )
 
 
 def tensor_hashes(module: nn.Module) -> dict[str, str]:
@@ -381,14 +383,23 @@ def _fit_one_step(module, batch):
     return trainer
 
 
-def test_training_step_checks_grads_and_normalizes_by_step_tokens(compose, tokenizer):
-    cfg = compose("stage.batch_size=1", "stage.max_steps=5", "stage.optim.grad_clip=null")
+@pytest.mark.parametrize("reduction,exponent", [("token", 0.0), ("square", 0.5)])
+def test_training_step_checks_grads_and_normalizes_by_step_tokens(
+    compose, tokenizer, reduction, exponent
+):
+    cfg = compose(
+        "stage.batch_size=1",
+        "stage.max_steps=5",
+        "stage.optim.grad_clip=null",
+        f"stage.loss_reduction={reduction}",
+    )
     batch = real_batch(cfg, tokenizer, n=1)  # 2 samples of different lengths -> 2 micro-batches
     batch["ids"] = ["s0", "s1"]
     model = build(cfg, tokenizer)
     apply_trainable(model, cfg.stage.trainable, cfg.stage.lora)
     with torch.no_grad():
-        expected = loss_of(copy.deepcopy(model), batch)
+        expected = loss_of(copy.deepcopy(model), batch, exponent)
+        assert not torch.allclose(expected, loss_of(copy.deepcopy(model), batch, exponent + 0.5))
     trainer = _fit_one_step(NextTokenModule(model, cfg.stage), batch)
     assert trainer.global_step == 1
     assert torch.allclose(trainer.callback_metrics["train/loss"], expected, atol=1e-5)
@@ -399,6 +410,12 @@ def test_training_step_checks_grads_and_normalizes_by_step_tokens(compose, token
     broken.multi_modal_projector.orphan = nn.Parameter(torch.zeros(3))
     with pytest.raises(RuntimeError, match=r"multi_modal_projector\.orphan"):
         _fit_one_step(NextTokenModule(broken, cfg.stage), batch)
+
+
+def test_unknown_loss_reduction_names_the_key(compose, tokenizer):
+    cfg = compose("stage.loss_reduction=mean")
+    with pytest.raises(ValueError, match=r"stage\.loss_reduction='mean'.*sample.*square.*token"):
+        NextTokenModule(build(cfg, tokenizer), cfg.stage)
 
 
 # --------------------------------------------------------------- 5. lr multipliers
