@@ -148,6 +148,18 @@ def build_trainer(cfg: DictConfig, stage_dir: Path) -> L.Trainer:
     )
 
 
+def make_encoder(cfg: DictConfig, model: VisionLanguageModel, tokenizer) -> SampleEncoder:
+    """Samples -> model inputs for this model: its image processor, its image-token count."""
+    spec = model.vision_spec
+    images = ImageProcessor(
+        build_image_processor(cfg.model.vision, spec),
+        spec.patch_size,
+        cfg.data.root,
+        model.token_downsample,
+    )
+    return SampleEncoder(tokenizer, images, cfg.model.image_token, cfg.stage.max_length)
+
+
 def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     """Train ``cfg.stage`` in ``run_dir/<stage name>``; return its artifact directory."""
     stage = cfg.stage
@@ -181,19 +193,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     apply_trainable(model, stage.trainable, stage.lora)
     _print_start(stage, model, init)
 
-    spec = model.vision_spec
-    encoder = SampleEncoder(
-        tokenizer,
-        ImageProcessor(
-            build_image_processor(cfg.model.vision, spec),
-            spec.patch_size,
-            cfg.data.root,
-            model.token_downsample,
-        ),
-        cfg.model.image_token,
-        stage.max_length,
-    )
-    datamodule = StageDataModule(cfg.data, stage, encoder, cfg.seed)
+    datamodule = StageDataModule(cfg.data, stage, make_encoder(cfg, model, tokenizer), cfg.seed)
     module = OBJECTIVES[stage.objective](model, stage)
 
     trainer = build_trainer(cfg, stage_dir)
