@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import image_processor_for
 from PIL import Image
 
 from vlmtrain.data.chat import IGNORE_INDEX, check_chat_template
 from vlmtrain.data.encode import SampleEncoder, collate
-from vlmtrain.data.images import ImageProcessor
 from vlmtrain.data.mixture import mixture_indices
 from vlmtrain.data.module import StageDataModule
 from vlmtrain.data.samples import DataError, load_samples, normalize
 from vlmtrain.model.lm import load_tokenizer
-from vlmtrain.model.vision import VisionSpec, build_image_processor
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.next_token import (
     REDUCTION_EXPONENTS,
@@ -44,9 +43,7 @@ def tokenizer(cfg, tokenizer_dir):
 
 
 def make_encoder(cfg, tokenizer, image_root, max_length=256) -> SampleEncoder:
-    v = cfg.model.vision
-    spec = VisionSpec(v.hidden_size, v.image_size, v.patch_size, v.type == "clip")
-    processor = ImageProcessor(build_image_processor(v, spec), spec.patch_size, image_root)
+    processor, _ = image_processor_for(cfg, image_root)
     return SampleEncoder(tokenizer, processor, cfg.model.image_token, max_length)
 
 

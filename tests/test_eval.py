@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import image_processor_for
 from omegaconf import OmegaConf
 
 from vlmtrain.data.chat import render_messages
 from vlmtrain.data.encode import _expand
-from vlmtrain.data.images import ImageProcessor
 from vlmtrain.data.shapes import ANSWERS
 from vlmtrain.eval import build_prompt, evaluate_split, predict, read_eval_samples
 from vlmtrain.eval.cli import main as eval_main
 from vlmtrain.model.lm import load_tokenizer
-from vlmtrain.model.vision import VisionSpec, build_image_processor
+from vlmtrain.model.vision import VisionSpec
 from vlmtrain.model.vlm import VisionLanguageModel
 
 HEADER = "<|im_start|>assistant\n"
@@ -29,12 +28,6 @@ def tiny_model(cfg, seed: int = 0):
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
     torch.manual_seed(seed)
     return tokenizer, VisionLanguageModel.build(cfg.model, tokenizer).eval()
-
-
-def image_processor(cfg, root: Path) -> tuple[ImageProcessor, VisionSpec]:
-    v = cfg.model.vision
-    spec = VisionSpec(v.hidden_size, v.image_size, v.patch_size, v.type == "clip")
-    return ImageProcessor(build_image_processor(v, spec), spec.patch_size, root), spec
 
 
 # ------------------------------------------------------------------------- (a) prompts
@@ -92,7 +85,7 @@ def _digest(pixels: torch.Tensor) -> str:
 def test_exact_match_scoring(compose, shapes_root):
     cfg = compose()
     tok = load_tokenizer(cfg.model, cfg.data.chat_template)
-    images, spec = image_processor(cfg, shapes_root)
+    images, spec = image_processor_for(cfg, shapes_root)
     samples = read_eval_samples(shapes_root / "vqa_test.json")
     image_id = tok.convert_tokens_to_ids(cfg.model.image_token)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -144,7 +137,7 @@ def test_left_padded_batches_match_one_by_one(compose, shapes_root):
     with torch.no_grad():  # sharper logits than at init, so predictions differ between samples
         for p in model.language_model.parameters():
             p.mul_(4)
-    images, _ = image_processor(cfg, shapes_root)
+    images, _ = image_processor_for(cfg, shapes_root)
     # Multi-turn chats have prompts of many lengths, so batches need real padding.
     samples = read_eval_samples(shapes_root / "chat_test.json", 6) + read_eval_samples(
         shapes_root / "vqa_test.json", 6

@@ -11,17 +11,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import image_processor_for
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from vlmtrain.artifacts import load_component, read_manifest, save_artifact
 from vlmtrain.config import LoraConfig, OptimConfig, TrainableConfig, VisionConfig
 from vlmtrain.data.encode import SampleEncoder, collate
-from vlmtrain.data.images import ImageProcessor
 from vlmtrain.data.samples import load_samples
 from vlmtrain.model.freezing import apply_trainable, parameter_counts
 from vlmtrain.model.lm import load_tokenizer
-from vlmtrain.model.vision import VisionSpec, build_image_processor, build_vision_tower
+from vlmtrain.model.vision import build_vision_tower
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.next_token import (
     NextTokenModule,
@@ -53,14 +53,8 @@ def build(cfg, tokenizer, seed=0) -> VisionLanguageModel:
 
 def real_batch(cfg, tokenizer, files=("caption_train.json", "vqa_train.json"), n=2):
     """A collated batch of real shapes samples (with images) for ``cfg.model``."""
-    v = cfg.model.vision
-    tower_spec = VisionSpec(v.hidden_size, v.image_size, v.patch_size, v.type == "clip")
-    enc = SampleEncoder(
-        tokenizer,
-        ImageProcessor(build_image_processor(v, tower_spec), tower_spec.patch_size, cfg.data.root),
-        cfg.model.image_token,
-        cfg.stage.max_length,
-    )
+    images, _ = image_processor_for(cfg, cfg.data.root)
+    enc = SampleEncoder(tokenizer, images, cfg.model.image_token, cfg.stage.max_length)
     root = Path(cfg.data.root)
     samples = [load_samples(root / f)[i] for f in files for i in range(n)]
     return collate([enc(s) for s in samples], tokenizer.pad_token_id)

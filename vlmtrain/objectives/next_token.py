@@ -35,28 +35,31 @@ def reduction_exponent(name: str) -> float:
     return REDUCTION_EXPONENTS[name]
 
 
+def supervised_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L-1) mask: position t predicts a supervised token t+1."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The same mask over all L positions (the last predicts nothing): where logits matter."""
+    return F.pad(supervised_targets(labels), (0, 1), value=False)
+
+
 def token_weights(labels: torch.Tensor, exponent: float = 0.0) -> torch.Tensor:
     """Weight of each position's next-token loss: 0 where unsupervised, x^-exponent
     elsewhere (x: the sample's supervised tokens). Depends on the sample alone, so
     micro-batches can compute it themselves."""
-    supervised = (labels[:, 1:] != IGNORE_INDEX).float()
+    supervised = supervised_targets(labels).float()
     if exponent == 0.0:
         return supervised
     per_sample = supervised.sum(1, keepdim=True).clamp(min=1.0)
     return supervised * per_sample.pow(-exponent)
 
 
-def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, L) mask of the positions whose next token is supervised: where logits matter."""
-    at = torch.zeros_like(labels, dtype=torch.bool)
-    at[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return at
-
-
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, exponent: float = 0.0):
     """Weighted sum of the cross-entropy of each position predicting the next supervised
     token. ``logits`` are (B, L, V), or (N, V) at ``supervised_positions(labels)`` only."""
-    at = supervised_positions(labels)[:, :-1]
+    at = supervised_targets(labels)
     if logits.dim() == 3:
         logits = logits[:, :-1][at]
     ce = F.cross_entropy(logits.float(), labels[:, 1:][at], reduction="none")
