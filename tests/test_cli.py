@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from vlmtrain.artifacts import config_hash
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -101,6 +103,26 @@ def test_kill_and_rerun_resumes_exactly(shapes_root, tmp_path):
     assert "already finished" in again.stdout
     changed = vlmtrain([*args, "run_name=killed", "stage.optim.lr=0.01"], cwd=tmp_path, check=False)
     assert changed.returncode != 0 and "different config" in changed.stderr
+    assert "stage.optim.lr: 0.001 -> 0.01" in changed.stderr
+
+
+def test_stage_finished_before_a_schema_field_existed_is_reused(shapes_root, tmp_path):
+    """A manifest written before ``stage.loss_reduction`` existed (the key absent from its
+    config and its hash) still matches when the field is at its default, and only then."""
+    args = [*base_args(shapes_root, tmp_path), "stage=sft", "stage.max_steps=2", "run_name=old"]
+    vlmtrain(args, cwd=tmp_path)
+    path = tmp_path / "old" / "sft" / "artifact" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["config"]["stage"]["loss_reduction"]
+    hashed = {k: manifest["config"][k] for k in ("model", "data", "stage", "seed")}
+    manifest["config_hash"] = config_hash({**hashed, "sources": {}})  # as the old code hashed
+    path.write_text(json.dumps(manifest))
+
+    again = vlmtrain(args, cwd=tmp_path)
+    assert "already finished" in again.stdout and "stage.loss_reduction" in again.stdout
+    square = vlmtrain([*args, "stage.loss_reduction=square"], cwd=tmp_path, check=False)
+    assert square.returncode != 0
+    assert "stage.loss_reduction: '<absent>' -> 'square'" in square.stderr
 
 
 def test_align_then_sft_takes_projector_by_reference(shapes_root, tmp_path):

@@ -7,6 +7,7 @@ import json
 import pytest
 from test_cli import base_args, losses, vlmtrain
 
+from vlmtrain.artifacts import config_hash, same_stage
 from vlmtrain.plan import plan_recipe
 from vlmtrain.recipe import accumulation, check_order, stage_config, stage_list
 
@@ -130,6 +131,7 @@ def test_recipe_runs_skips_and_resumes(shapes_root, tmp_path):
         changed.returncode != 0
         and "align" in changed.stderr
         and "different config" in changed.stderr
+        and "stage.optim.lr: 0.001 -> 0.5" in changed.stderr
     )
 
 
@@ -189,3 +191,15 @@ def test_artifact_with_other_dimensions_fails_before_training(shapes_root, tmp_p
     assert proc.returncode != 0
     assert "multi_modal_projector" in proc.stderr or "linear_1.weight" in proc.stderr
     assert not (tmp_path / "b" / "sft" / "checkpoints").exists()
+
+
+def test_same_stage_tells_a_retrained_source_from_a_changed_key():
+    hashed = {"stage": {"optim": {"lr": 0.1}}, "seed": 0, "sources": {"lm": "aaaa"}}
+    manifest = {"config": {"stage": {"optim": {"lr": 0.1}}, "seed": 0}}
+    manifest["config_hash"] = config_hash(hashed)
+    assert same_stage(manifest, hashed, {}) == (True, [])
+    retrained = {**hashed, "sources": {"lm": "bbbb"}}
+    same, why = same_stage(manifest, retrained, {})
+    assert not same and "source artifacts" in why[0]
+    moved = {**hashed, "stage": {"optim": {"lr": 0.2}}}
+    assert same_stage(manifest, moved, {}) == (False, ["stage.optim.lr: 0.1 -> 0.2"])

@@ -39,6 +39,71 @@ def config_hash(resolved: dict[str, Any]) -> str:
     ]
 
 
+ABSENT = "<absent>"
+
+
+def config_changes(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """Every leaf where two resolved configs differ, as (dotted key, old, new).
+
+    Values are compared as the manifest stores them (JSON), so a tuple and the
+    list it was saved as are equal; a key on one side only shows ``ABSENT``.
+    """
+    old, new = _as_json(old), _as_json(new)
+    if isinstance(old, dict) and isinstance(new, dict):
+        changes = []
+        for key in sorted(set(old) | set(new), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            changes += config_changes(old.get(key, ABSENT), new.get(key, ABSENT), sub)
+        return changes
+    return [] if old == new else [(path, old, new)]
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def same_stage(
+    manifest: dict[str, Any], hashed: dict[str, Any], defaults: dict[str, Any]
+) -> tuple[bool, list[str]]:
+    """Whether a finished stage's artifact is the one ``hashed`` would train, and why not.
+
+    ``hashed`` is what the config hash covers: the config sections and the source
+    artifacts' hashes. A key the finished stage's config lacks is no change when
+    its value is the schema default (``defaults``, same layout): that is a field
+    added to vlmtrain after the stage ran, whose default keeps the old behaviour.
+    Returns (same, lines): lines name the changed keys, or the keys taken as
+    defaults when the stage is the same.
+    """
+    if manifest.get("config_hash") == config_hash(hashed):
+        return True, []
+    stored = {k: manifest.get("config", {}).get(k, ABSENT) for k in hashed if k != "sources"}
+    changes = config_changes(stored, {k: v for k, v in hashed.items() if k != "sources"})
+    added = [c for c in changes if c[1] == ABSENT and c[2] == _lookup(defaults, c[0])]
+    if added and len(added) == len(changes):
+        pruned = _as_json(hashed)
+        for key, _, _ in added:
+            *parents, leaf = key.split(".")
+            node = pruned
+            for part in parents:
+                node = node[part]
+            del node[leaf]
+        if manifest.get("config_hash") == config_hash(pruned):
+            return True, [
+                f"{key} (new since the stage ran; default {new!r})" for key, _, new in added
+            ]
+    if not changes:
+        return False, ["the source artifacts it starts from (stage.init) were retrained"]
+    return False, [f"{key}: {old!r} -> {new!r}" for key, old, new in changes]
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return ABSENT
+        tree = tree[part]
+    return _as_json(tree)
+
+
 def code_version() -> str:
     try:
         out = subprocess.run(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 COMPONENTS = ("vision", "projector", "lm")
 
@@ -196,6 +196,16 @@ class VLMTrainConfig:
     plan: bool = False
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def schema_defaults() -> dict[str, Any]:
+    """The schema's default for every key a stage's config hash covers (same layout)."""
+    sections = {"model": ModelConfig, "data": DataConfig, "stage": StageConfig}
+    out: dict[str, Any] = {
+        k: OmegaConf.to_container(OmegaConf.structured(v)) for k, v in sections.items()
+    }
+    out["seed"] = VLMTrainConfig.seed
+    return out
 
 
 def register_configs() -> None:

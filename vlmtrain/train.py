@@ -21,8 +21,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from vlmtrain.artifacts import config_hash, load_component, read_manifest, save_artifact
-from vlmtrain.config import COMPONENTS
+from vlmtrain.artifacts import (
+    config_hash,
+    load_component,
+    read_manifest,
+    same_stage,
+    save_artifact,
+)
+from vlmtrain.config import COMPONENTS, schema_defaults
 from vlmtrain.data.chat import check_chat_template
 from vlmtrain.data.encode import SampleEncoder
 from vlmtrain.data.images import ImageProcessor
@@ -169,19 +175,25 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     init = resolve_init(stage, cfg.model, run_dir)
     # A stage is "the same" when its config and the artifacts it starts from are.
     sources = {k: read_manifest(v)["config_hash"] for k, v in init.items() if isinstance(v, Path)}
-    digest = config_hash(
-        {**{k: resolved[k] for k in ("model", "data", "stage", "seed")}, "sources": sources}
-    )
+    hashed = {**{k: resolved[k] for k in ("model", "data", "stage", "seed")}, "sources": sources}
+    digest = config_hash(hashed)
     if (artifact_dir / "manifest.json").is_file():
-        done = read_manifest(artifact_dir)
-        if done.get("config_hash") != digest:
+        same, why = same_stage(read_manifest(artifact_dir), hashed, schema_defaults())
+        if not same:
+            shown = "\n  ".join(why[:12]) + (
+                f"\n  ... {len(why) - 12} more" if len(why) > 12 else ""
+            )
             raise RuntimeError(
                 f"stage {stage.name!r} already finished in {stage_dir} with a different config "
-                f"or different source artifacts (hash {done.get('config_hash')} vs {digest}). "
+                f"or different source artifacts; what changed:\n  {shown}\n"
                 f"Use another run_name, or delete {artifact_dir} (and {stage_dir / 'checkpoints'}) "
                 "to train it again."
             )
         console.print(f"[bold]stage {stage.name}[/] already finished: {artifact_dir}")
+        if why:
+            console.print(
+                "  its config lacked keys added since, at their defaults: " + "; ".join(why)
+            )
         evaluate_if_asked(cfg, artifact_dir, stage_dir)
         return artifact_dir
 
