@@ -521,6 +521,23 @@ def test_unknown_dataset_in_stage_mixture_is_named(compose, tokenizer, tmp_path)
         StageDataModule(cfg.data, cfg.stage, enc, seed=0)
 
 
+def test_dataset_added_on_the_command_line_is_checked_and_used(compose, tokenizer, shapes_root):
+    captions = f"{shapes_root}/caption_train.json"
+    cfg = compose(
+        f"+data.datasets.extra={{train: '{captions}'}}",
+        "+stage.mixture.extra=1",
+        "stage.mixture.instruct=0",
+    )
+    enc = make_encoder(cfg, tokenizer, cfg.data.root, cfg.stage.max_length)
+    dm = StageDataModule(cfg.data, cfg.stage, enc, seed=0)
+    dm.setup("fit")
+    assert all(i.startswith("cap-train") for i in next(iter(dm.train_dataloader()))["ids"])
+
+    misspelt = compose(f"+data.datasets.extra={{trian: '{captions}'}}", "+stage.mixture.extra=1")
+    with pytest.raises(ValueError, match=r"data\.datasets\.extra: Key 'trian'"):
+        StageDataModule(misspelt.data, misspelt.stage, enc, seed=0)
+
+
 def test_stage_datamodule_batches_are_consistent_and_seeded(compose, tokenizer):
     cfg = compose("stage.batch_size=3", "stage.accumulate=2", "stage.val_every=0")
     image_id = tokenizer.convert_tokens_to_ids("<image>")

@@ -13,6 +13,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 COMPONENTS = ("vision", "projector", "lm")
 
@@ -80,7 +81,10 @@ class DataConfig:
     # When set, the data is generated into ``root`` if missing (``shapes`` only for now).
     generate: str | None = None
     seed: int = 0
-    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+    # name -> DatasetConfig fields. Typed Any because OmegaConf cannot add a structured
+    # value to a typed dict from the command line (`+data.datasets.mine.train=...`);
+    # `dataset_config` checks each entry against DatasetConfig before any training.
+    datasets: dict[str, Any] = field(default_factory=dict)
     # Replace the tokenizer's chat template (a Jinja string with {% generation %} blocks).
     chat_template: str | None = None
     num_workers: int = 0
@@ -196,6 +200,21 @@ class VLMTrainConfig:
     plan: bool = False
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def dataset_config(data: Any, name: str) -> DatasetConfig:
+    """``data.datasets.<name>`` checked against DatasetConfig; errors name the key."""
+    entry = data.datasets[name]
+    if not OmegaConf.is_dict(entry) and not isinstance(entry, dict):
+        raise ValueError(
+            f"data.datasets.{name} must be {{train: <file>, val: <file>}}, not {entry!r}"
+        )
+    if OmegaConf.is_dict(entry):  # resolve ${data.root} while the node still has its root
+        entry = OmegaConf.to_container(entry, resolve=True)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DatasetConfig), entry))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"data.datasets.{name}: {str(e).splitlines()[0]}") from None
 
 
 def schema_defaults() -> dict[str, Any]:

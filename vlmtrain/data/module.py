@@ -15,7 +15,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from vlmtrain.config import DataConfig, StageConfig
+from vlmtrain.config import DataConfig, StageConfig, dataset_config
 from vlmtrain.data.encode import SampleEncoder, collate
 from vlmtrain.data.mixture import MixtureDataset
 from vlmtrain.data.sampler import EpochShuffleSampler
@@ -38,11 +38,12 @@ class StageDataModule(L.LightningDataModule):
                 f"stage.mixture names {unknown}, which data={data.name!r} does not define "
                 f"(data.datasets has {sorted(data.datasets)})"
             )
+        self.datasets = {name: dataset_config(data, name) for name in stage.mixture}
 
     def _mixture(self, split: str, total: int | None = None) -> MixtureDataset | None:
         sources = {}
         for name, weight in self.stage.mixture.items():
-            path = getattr(self.data.datasets[name], split)
+            path = getattr(self.datasets[name], split)
             if weight > 0:
                 if path is None:
                     return None
