@@ -21,7 +21,7 @@ from vlmtrain.data.encode import SampleEncoder, collate
 from vlmtrain.data.samples import load_samples
 from vlmtrain.model.freezing import apply_trainable, parameter_counts
 from vlmtrain.model.lm import load_tokenizer
-from vlmtrain.model.vision import build_vision_tower
+from vlmtrain.model.vision import ConvPatchEmbedding, build_vision_tower
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.next_token import (
     NextTokenModule,
@@ -167,6 +167,34 @@ def test_logits_at_supervised_positions_match_the_full_head(compose, tokenizer, 
     loss_full = token_loss_sum(full, batch["labels"], 0.5)
     loss_at = token_loss_sum(model(*inputs, logits_at=at), batch["labels"], 0.5)
     torch.testing.assert_close(loss_at, loss_full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vision_type", ["siglip", "clip"])
+def test_conv_stem_feeds_the_tower_and_every_stem_weight_learns(compose, tokenizer, vision_type):
+    cfg = compose("model.vision.stem=conv", f"model.vision.type={vision_type}")
+    model = build(cfg, tokenizer)
+    stem = model.vision_tower.model.embeddings.patch_embedding
+    assert isinstance(stem, ConvPatchEmbedding)
+    assert [m.stride for m in stem.conv if isinstance(m, nn.Conv2d)] == [(2, 2)] * 3  # 8 = 2^3
+    pix = real_batch(cfg, tokenizer, n=1)["pixel_values"]
+    feats = model.image_features(pix)
+    assert feats.shape == (pix.shape[0], 64, cfg.model.lm.hidden_size)
+    feats.square().mean().backward()
+    for name, p in stem.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"stem": "cnn"}, r"model\.vision\.stem='cnn'"),
+        ({"stem": "conv", "path": "/models/siglip"}, r"model\.vision\.stem=conv.*pretrained"),
+        ({"stem": "conv", "patch_size": 14}, r"patch_size must be a power of two"),
+    ],
+)
+def test_conv_stem_misconfigurations_name_the_key(fields, match):
+    with pytest.raises(ValueError, match=match):
+        build_vision_tower(VisionConfig(**fields))
 
 
 def test_clip_qwen2_preset_cuts_penultimate_layer(compose):
@@ -490,9 +518,9 @@ def test_warmup_cosine_without_warmup_starts_at_peak():
 
 
 # ---------------------------------------------------------------------- 7. artifacts
-@pytest.mark.parametrize("tied", [False, True])
-def test_artifact_round_trip_is_bit_exact(compose, tokenizer, tmp_path, tied):
-    cfg = compose(f"model.lm.tie_word_embeddings={str(tied).lower()}")
+@pytest.mark.parametrize("tied, stem", [(False, "patch"), (True, "patch"), (False, "conv")])
+def test_artifact_round_trip_is_bit_exact(compose, tokenizer, tmp_path, tied, stem):
+    cfg = compose(f"model.lm.tie_word_embeddings={str(tied).lower()}", f"model.vision.stem={stem}")
     model = build(cfg, tokenizer, seed=1)
     lm = model.language_model
     if tied:

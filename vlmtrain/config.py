@@ -29,6 +29,10 @@ class VisionConfig:
     intermediate_size: int = 128
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
+    # Patch embedding of a tower trained from scratch: "patch" (the linear one of
+    # SigLIP/CLIP) or "conv" (a stride-2 3x3 convolution stack beside it; see
+    # vlmtrain.model.vision.ConvPatchEmbedding). Pretrained towers keep theirs.
+    stem: str = "patch"
     # Which hidden state feeds the projector: -1 last layer, -2 penultimate (LLaVA).
     # Layers after it are dropped from the tower, so nothing is computed or held unused.
     feature_layer: int = -1

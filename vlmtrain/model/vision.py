@@ -112,6 +112,7 @@ def build_vision_tower(
     if cfg.type not in _TOWERS:
         raise ValueError(f"model.vision.type={cfg.type!r}: expected one of {sorted(_TOWERS)}")
     config_cls, model_cls, has_cls = _TOWERS[cfg.type]
+    _check_stem(cfg)
     if cfg.path and str(device) != "meta":
         model = model_cls.from_pretrained(cfg.path, local_files_only=True)
     else:
@@ -123,8 +124,62 @@ def build_vision_tower(
         )
         with torch.device(device or "cpu"):
             model = model_cls(config)
+            if cfg.stem == "conv":
+                model.embeddings.patch_embedding = ConvPatchEmbedding(
+                    config.patch_size, config.hidden_size
+                )
     _cut(model, cfg.feature_layer)
     return VisionTower(model, has_cls)
+
+
+class ConvPatchEmbedding(nn.Module):
+    """Patch embedding with a convolutional stem beside the linear one (towers from scratch).
+
+    A ViT trained from scratch on little data learns no local shape: on the shapes
+    world, a linear probe reads an object's shape from its patch features no better
+    than from raw pixels. Stride-2 3x3 convolutions (Xiao et al. 2021, "Early
+    convolutions help transformers see better") are translation-equivariant inside
+    the patch, so corners and curves are features at any offset. The linear patch
+    projection is kept and added: without it, colour answers got worse.
+    Drop-in for the Conv2d of SigLIP/CLIP embeddings, which read ``.weight.dtype``.
+    """
+
+    def __init__(self, patch_size: int, hidden_size: int):
+        super().__init__()
+        depth = patch_size.bit_length() - 1  # log2: one stride-2 conv per halving
+        layers: list[nn.Module] = []
+        channels = 3
+        for i in range(depth):
+            out = hidden_size if i == depth - 1 else min(hidden_size, hidden_size // 2 * 2**i)
+            layers.append(nn.Conv2d(channels, out, 3, stride=2, padding=1))
+            if i < depth - 1:
+                layers.append(nn.GELU())
+            channels = out
+        self.conv = nn.Sequential(*layers)
+        self.linear = nn.Conv2d(3, hidden_size, patch_size, stride=patch_size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.conv(pixel_values) + self.linear(pixel_values)
+
+
+def _check_stem(cfg: VisionConfig) -> None:
+    if cfg.stem not in ("patch", "conv"):
+        raise ValueError(f"model.vision.stem={cfg.stem!r}: expected 'patch' or 'conv'")
+    if cfg.stem == "conv" and cfg.path:
+        raise ValueError(
+            "model.vision.stem=conv replaces the patch embedding, so the pretrained tower "
+            f"at model.vision.path={cfg.path!r} cannot keep its own; use stem=patch"
+        )
+    p = cfg.patch_size
+    if cfg.stem == "conv" and (p < 2 or p & (p - 1)):
+        raise ValueError(
+            f"model.vision.stem=conv halves the image per convolution, so "
+            f"model.vision.patch_size must be a power of two >= 2, not {p}"
+        )
 
 
 def build_image_processor(cfg: VisionConfig, spec: VisionSpec):
