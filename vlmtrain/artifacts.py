@@ -43,12 +43,8 @@ ABSENT = "<absent>"
 
 
 def config_changes(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
-    """Every leaf where two resolved configs differ, as (dotted key, old, new).
-
-    Values are compared as the manifest stores them (JSON), so a tuple and the
-    list it was saved as are equal; a key on one side only shows ``ABSENT``.
-    """
-    old, new = _as_json(old), _as_json(new)
+    """Every leaf where two configs (plain JSON values) differ, as (dotted key, old, new);
+    a key on one side only shows ``ABSENT`` on the other."""
     if isinstance(old, dict) and isinstance(new, dict):
         changes = []
         for key in sorted(set(old) | set(new), key=str):
@@ -59,6 +55,7 @@ def config_changes(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, A
 
 
 def _as_json(value: Any) -> Any:
+    """As the manifest stores it: tuples become lists, enums and paths strings."""
     return json.loads(json.dumps(value, default=str))
 
 
@@ -76,18 +73,19 @@ def same_stage(
     """
     if manifest.get("config_hash") == config_hash(hashed):
         return True, []
-    stored = {k: manifest.get("config", {}).get(k, ABSENT) for k in hashed if k != "sources"}
-    changes = config_changes(stored, {k: v for k, v in hashed.items() if k != "sources"})
+    current = _as_json(hashed)
+    sections = {k: v for k, v in current.items() if k != "sources"}
+    stored = {k: manifest.get("config", {}).get(k, ABSENT) for k in sections}
+    changes = config_changes(stored, sections)
     added = [c for c in changes if c[1] == ABSENT and c[2] == _lookup(defaults, c[0])]
     if added and len(added) == len(changes):
-        pruned = _as_json(hashed)
-        for key, _, _ in added:
+        for key, _, _ in added:  # the config as the older vlmtrain hashed it
             *parents, leaf = key.split(".")
-            node = pruned
+            node = current
             for part in parents:
                 node = node[part]
             del node[leaf]
-        if manifest.get("config_hash") == config_hash(pruned):
+        if manifest.get("config_hash") == config_hash(current):
             return True, [
                 f"{key} (new since the stage ran; default {new!r})" for key, _, new in added
             ]

@@ -209,12 +209,12 @@ class VLMTrainConfig:
 def dataset_config(data: Any, name: str) -> DatasetConfig:
     """``data.datasets.<name>`` checked against DatasetConfig; errors name the key."""
     entry = data.datasets[name]
-    if not OmegaConf.is_dict(entry) and not isinstance(entry, dict):
+    if OmegaConf.is_dict(entry):  # resolve ${data.root} while the node still has its root
+        entry = OmegaConf.to_container(entry, resolve=True)
+    if not isinstance(entry, dict):
         raise ValueError(
             f"data.datasets.{name} must be {{train: <file>, val: <file>}}, not {entry!r}"
         )
-    if OmegaConf.is_dict(entry):  # resolve ${data.root} while the node still has its root
-        entry = OmegaConf.to_container(entry, resolve=True)
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DatasetConfig), entry))
     except OmegaConfBaseException as e:
