@@ -48,15 +48,16 @@ def base_args(shapes_root: Path, out: Path, stages: tuple[str, ...] = ("stage",)
 
 
 def losses(metrics_csv: Path) -> dict[int, tuple[str, ...]]:
-    """step -> (loss, learning rates...) as logged; a step logged twice (redone after a
-    kill) keeps the last."""
+    """step -> (loss, learning rates..., per-dataset losses...) as logged; a step logged
+    twice (redone after a kill) keeps the last."""
     out = {}
     with metrics_csv.open() as f:
         for row in csv.DictReader(f):
             if row.get("train/loss"):
                 lrs = tuple(row[k] for k in sorted(row) if k.startswith("train/lr_"))
                 assert lrs, "no learning rate logged"
-                out[int(row["step"])] = (row["train/loss"], *lrs)
+                by_dataset = tuple(row[k] for k in sorted(row) if k.startswith("train/loss_"))
+                out[int(row["step"])] = (row["train/loss"], *lrs, *by_dataset)
     return out
 
 
@@ -80,8 +81,18 @@ def test_kill_and_rerun_resumes_exactly(shapes_root, tmp_path):
         "stage=sft",
         "stage.max_steps=8",
         "trainer.checkpoint_every=3",
+        "+stage.mixture.vqa=1.0",
     ]
     vlmtrain([*args, "run_name=straight"], cwd=tmp_path)
+    # The per-dataset losses are the total's parts: it is their weighted mean.
+    with (tmp_path / "straight" / "sft" / "logs" / "csv" / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    both = [r for r in rows if r["train/loss_instruct"] and r["train/loss_vqa"]]
+    assert both, "no step logged the loss of both datasets"
+    for r in both:
+        parts = sorted(float(r[k]) for k in ("train/loss_instruct", "train/loss_vqa"))
+        assert parts[0] - 1e-5 <= float(r["train/loss"]) <= parts[1] + 1e-5
+        assert parts[0] < parts[1]  # distinct: each is its own dataset's
 
     killed = vlmtrain(
         [*args, "run_name=killed"], cwd=tmp_path, env={"VLMTRAIN_KILL_AFTER_STEP": "5"}, check=False

@@ -23,6 +23,7 @@ from vlmtrain.objectives.next_token import (
     REDUCTION_EXPONENTS,
     loss_normalizer,
     micro_batches,
+    sample_loss_sums,
     token_loss_sum,
 )
 
@@ -564,6 +565,33 @@ def test_stage_datamodule_batches_are_consistent_and_seeded(compose, tokenizer):
     assert first_batch(0)["ids"] == b["ids"]
 
 
+def test_cached_encoding_gives_the_same_batches_and_encodes_each_sample_once(compose, tokenizer):
+    def batches(cache: bool, calls: Counter):
+        cfg = compose("stage.batch_size=4", "stage.val_every=0", f"data.cache_encoded={cache}")
+        enc = make_encoder(cfg, tokenizer, cfg.data.root, cfg.stage.max_length)
+
+        def counting(sample):
+            calls[sample["id"]] += 1
+            return enc(sample)
+
+        dm = StageDataModule(cfg.data, cfg.stage, enc, seed=0)
+        dm.setup("fit")
+        dm.train_set.encode = counting
+        # Two epochs of a 12-sample slice: every sample is drawn twice.
+        dm.train_set.index = dm.train_set.index[:12]
+        loader = dm.train_dataloader()
+        return [b for _ in range(2) for b in loader]
+
+    fresh_calls, cached_calls = Counter(), Counter()
+    fresh, cached = batches(False, fresh_calls), batches(True, cached_calls)
+    assert set(fresh_calls.values()) == {2} and set(cached_calls.values()) == {1}
+    assert len(fresh) == len(cached) == 6
+    for a, b in zip(fresh, cached, strict=True):
+        assert a["ids"] == b["ids"]
+        for key in ("input_ids", "labels", "attention_mask", "pixel_values"):
+            assert torch.equal(a[key], b[key])
+
+
 # ---------------------------------------- 7. gradient accumulation leaves the step unchanged
 def _step(model, batch, size, exponent=0.0):
     model.zero_grad(set_to_none=True)
@@ -608,6 +636,15 @@ def test_loss_and_gradients_do_not_depend_on_micro_batch_size(
     assert torch.isfinite(ref_loss) and ref_loss > 0
     # The vision tower really gets gradient through the image positions.
     assert ref_grads["vision_tower.model.embeddings.patch_embedding.weight"].abs().sum() > 0
+    # Split by sample (the per-dataset logs), the same sum: each part is its sample alone.
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        parts = sample_loss_sums(logits, batch["labels"], exponent)
+        total = loss_normalizer(batch["labels"], exponent)
+        assert (parts > 0).all() and torch.allclose(parts.sum() / total, ref_loss, atol=1e-6)
+        for i, mb in enumerate(micro_batches(batch, 1)):
+            alone = model(mb["input_ids"], mb["attention_mask"], mb["pixel_values"])
+            assert torch.allclose(parts[i], token_loss_sum(alone, mb["labels"], exponent))
     for size in (1, 2):
         loss, grads = _step(model, batch, size, exponent)
         assert torch.allclose(loss, ref_loss, atol=1e-6), (size, loss, ref_loss)

@@ -171,11 +171,14 @@ def test_logits_at_supervised_positions_match_the_full_head(compose, tokenizer, 
 
 @pytest.mark.parametrize("vision_type", ["siglip", "clip"])
 def test_conv_stem_feeds_the_tower_and_every_stem_weight_learns(compose, tokenizer, vision_type):
-    cfg = compose("model.vision.stem=conv", f"model.vision.type={vision_type}")
+    cfg = compose(
+        "model.vision.stem=conv", "model.vision.stem_blocks=2", f"model.vision.type={vision_type}"
+    )
     model = build(cfg, tokenizer)
     stem = model.vision_tower.model.embeddings.patch_embedding
     assert isinstance(stem, ConvPatchEmbedding)
     assert [m.stride for m in stem.conv if isinstance(m, nn.Conv2d)] == [(2, 2)] * 3  # 8 = 2^3
+    assert len(stem.blocks) == 2
     pix = real_batch(cfg, tokenizer, n=1)["pixel_values"]
     feats = model.image_features(pix)
     assert feats.shape == (pix.shape[0], 64, cfg.model.lm.hidden_size)
@@ -190,6 +193,8 @@ def test_conv_stem_feeds_the_tower_and_every_stem_weight_learns(compose, tokeniz
         ({"stem": "cnn"}, r"model\.vision\.stem='cnn'"),
         ({"stem": "conv", "path": "/models/siglip"}, r"model\.vision\.stem=conv.*pretrained"),
         ({"stem": "conv", "patch_size": 14}, r"patch_size must be a power of two"),
+        ({"stem_blocks": 2}, r"model\.vision\.stem_blocks=2.*stem='patch'"),
+        ({"stem": "conv", "stem_blocks": -1}, r"model\.vision\.stem_blocks=-1"),
     ],
 )
 def test_conv_stem_misconfigurations_name_the_key(fields, match):
@@ -520,7 +525,12 @@ def test_warmup_cosine_without_warmup_starts_at_peak():
 # ---------------------------------------------------------------------- 7. artifacts
 @pytest.mark.parametrize("tied, stem", [(False, "patch"), (True, "patch"), (False, "conv")])
 def test_artifact_round_trip_is_bit_exact(compose, tokenizer, tmp_path, tied, stem):
-    cfg = compose(f"model.lm.tie_word_embeddings={str(tied).lower()}", f"model.vision.stem={stem}")
+    blocks = 2 if stem == "conv" else 0
+    cfg = compose(
+        f"model.lm.tie_word_embeddings={str(tied).lower()}",
+        f"model.vision.stem={stem}",
+        f"model.vision.stem_blocks={blocks}",
+    )
     model = build(cfg, tokenizer, seed=1)
     lm = model.language_model
     if tied:

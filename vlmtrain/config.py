@@ -33,6 +33,9 @@ class VisionConfig:
     # SigLIP/CLIP) or "conv" (a stride-2 3x3 convolution stack beside it; see
     # vlmtrain.model.vision.ConvPatchEmbedding). Pretrained towers keep theirs.
     stem: str = "patch"
+    # stem=conv: residual 3x3 convolutions on the patch grid after the stride-2 stack;
+    # each lets a patch see one more patch on every side (a whole large object).
+    stem_blocks: int = 0
     # Which hidden state feeds the projector: -1 last layer, -2 penultimate (LLaVA).
     # Layers after it are dropped from the tower, so nothing is computed or held unused.
     feature_layer: int = -1
@@ -92,6 +95,9 @@ class DataConfig:
     # Replace the tokenizer's chat template (a Jinja string with {% generation %} blocks).
     chat_template: str | None = None
     num_workers: int = 0
+    # Keep every encoded sample (token ids, labels, pixels) in memory after first use:
+    # for datasets that fit in RAM and are seen for many epochs (the tiny recipe).
+    cache_encoded: bool = False
 
 
 # ----------------------------------------------------------------------------- stage

@@ -106,6 +106,8 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
     return {
         "ids": [b["id"] for b in batch],
+        # The mixture dataset each sample came from (None outside a mixture).
+        "datasets": [b.get("dataset") for b in batch],
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,

@@ -48,7 +48,9 @@ class StageDataModule(L.LightningDataModule):
                 if path is None:
                     return None
                 sources[name] = load_samples(path)
-        return MixtureDataset(sources, self.stage.mixture, self.encoder, self.seed, total)
+        return MixtureDataset(
+            sources, self.stage.mixture, self.encoder, self.seed, total, self.data.cache_encoded
+        )
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self._mixture("train")

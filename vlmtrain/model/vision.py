@@ -126,7 +126,7 @@ def build_vision_tower(
             model = model_cls(config)
             if cfg.stem == "conv":
                 model.embeddings.patch_embedding = ConvPatchEmbedding(
-                    config.patch_size, config.hidden_size
+                    config.patch_size, config.hidden_size, cfg.stem_blocks
                 )
     _cut(model, cfg.feature_layer)
     return VisionTower(model, has_cls)
@@ -139,12 +139,15 @@ class ConvPatchEmbedding(nn.Module):
     world, a linear probe reads an object's shape from its patch features no better
     than from raw pixels. Stride-2 3x3 convolutions (Xiao et al. 2021, "Early
     convolutions help transformers see better") are translation-equivariant inside
-    the patch, so corners and curves are features at any offset. The linear patch
-    projection is kept and added: without it, colour answers got worse.
+    the patch, so corners and curves are features at any offset. ``blocks`` residual
+    3x3 convolutions on the patch grid then widen each patch's view by one patch per
+    side per block, so a patch inside a large object sees its outline (hybrid ViTs,
+    Dosovitskiy et al. 2021). The linear patch projection is kept and added: without
+    it, colour answers got worse.
     Drop-in for the Conv2d of SigLIP/CLIP embeddings, which read ``.weight.dtype``.
     """
 
-    def __init__(self, patch_size: int, hidden_size: int):
+    def __init__(self, patch_size: int, hidden_size: int, blocks: int = 0):
         super().__init__()
         depth = patch_size.bit_length() - 1  # log2: one stride-2 conv per halving
         layers: list[nn.Module] = []
@@ -156,6 +159,10 @@ class ConvPatchEmbedding(nn.Module):
                 layers.append(nn.GELU())
             channels = out
         self.conv = nn.Sequential(*layers)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.GELU(), nn.Conv2d(hidden_size, hidden_size, 3, padding=1))
+            for _ in range(blocks)
+        )
         self.linear = nn.Conv2d(3, hidden_size, patch_size, stride=patch_size)
 
     @property
@@ -163,7 +170,10 @@ class ConvPatchEmbedding(nn.Module):
         return self.linear.weight
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.conv(pixel_values) + self.linear(pixel_values)
+        x = self.conv(pixel_values)
+        for block in self.blocks:
+            x = x + block(x)
+        return x + self.linear(pixel_values)
 
 
 def _check_stem(cfg: VisionConfig) -> None:
@@ -173,6 +183,12 @@ def _check_stem(cfg: VisionConfig) -> None:
         raise ValueError(
             "model.vision.stem=conv replaces the patch embedding, so the pretrained tower "
             f"at model.vision.path={cfg.path!r} cannot keep its own; use stem=patch"
+        )
+    if cfg.stem_blocks < 0 or (cfg.stem_blocks and cfg.stem != "conv"):
+        raise ValueError(
+            f"model.vision.stem_blocks={cfg.stem_blocks}: a count >= 0 of convolutions "
+            "added to stem=conv"
+            + (f", but model.vision.stem={cfg.stem!r}" if cfg.stem != "conv" else "")
         )
     p = cfg.patch_size
     if cfg.stem == "conv" and (p < 2 or p & (p - 1)):

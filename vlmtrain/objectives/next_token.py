@@ -56,14 +56,22 @@ def token_weights(labels: torch.Tensor, exponent: float = 0.0) -> torch.Tensor:
     return supervised * per_sample.pow(-exponent)
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, exponent: float = 0.0):
-    """Weighted sum of the cross-entropy of each position predicting the next supervised
-    token. ``logits`` are (B, L, V), or (N, V) at ``supervised_positions(labels)`` only."""
+def sample_loss_sums(logits: torch.Tensor, labels: torch.Tensor, exponent: float = 0.0):
+    """(B,) per sample: the weighted sum of the cross-entropy of each position predicting
+    the next supervised token. ``logits`` are (B, L, V), or (N, V) at
+    ``supervised_positions(labels)`` only."""
     at = supervised_targets(labels)
     if logits.dim() == 3:
         logits = logits[:, :-1][at]
     ce = F.cross_entropy(logits.float(), labels[:, 1:][at], reduction="none")
-    return (ce * token_weights(labels, exponent)[at]).sum()
+    rows = at.nonzero()[:, 0]  # the sample of each supervised position, in ``at`` order
+    sums = torch.zeros(labels.shape[0], dtype=ce.dtype, device=ce.device)
+    return sums.index_add(0, rows, ce * token_weights(labels, exponent)[at])
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, exponent: float = 0.0):
+    """The batch's weighted cross-entropy sum (see ``sample_loss_sums``)."""
+    return sample_loss_sums(logits, labels, exponent).sum()
 
 
 def loss_normalizer(labels: torch.Tensor, exponent: float = 0.0) -> torch.Tensor:
@@ -84,6 +92,7 @@ def micro_batches(batch: dict, size: int):
             pixels = pixels[image_start[lo] : image_start[hi]]
             pixels = pixels if pixels.shape[0] else None
         yield {
+            "datasets": batch.get("datasets", [None] * n)[lo:hi],
             "input_ids": batch["input_ids"][lo:hi],
             "labels": batch["labels"][lo:hi],
             "attention_mask": batch["attention_mask"][lo:hi],
@@ -101,6 +110,8 @@ class NextTokenModule(L.LightningModule):
         self._val_sums: list[torch.Tensor] = []
         self.tokens_seen = 0  # non-padding tokens (text + image) over all ranks
         self.exponent = reduction_exponent(stage.loss_reduction)
+        # Per-dataset training loss, logged beside the total: which source is stuck.
+        self.dataset_names = sorted(n for n, w in stage.mixture.items() if w > 0)
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self):
@@ -136,6 +147,8 @@ class NextTokenModule(L.LightningModule):
         # result the weighted mean over the whole step.
         scale = world / step_weight
         loss_sum = torch.zeros((), device=self.device)
+        # Row 0: weighted loss sums per dataset; row 1: their weights.
+        by_dataset = torch.zeros(2, len(self.dataset_names), device=self.device)
         for mb in micro_batches(batch, self.stage.batch_size):
             logits = self.model(
                 mb["input_ids"],
@@ -143,11 +156,13 @@ class NextTokenModule(L.LightningModule):
                 mb["pixel_values"],
                 logits_at=supervised_positions(mb["labels"]),
             )
-            mb_loss = token_loss_sum(logits, mb["labels"], self.exponent)
+            per_sample = sample_loss_sums(logits, mb["labels"], self.exponent)
+            mb_loss = per_sample.sum()
             if mb["pixel_values"] is None and world > 1:
                 mb_loss = mb_loss + self._touch_image_path()
             self.manual_backward(mb_loss * scale)
             loss_sum += mb_loss.detach()
+            self._add_by_dataset(by_dataset, mb, per_sample.detach())
 
         if self.global_step == 0:
             self._check_every_trainable_has_grad()
@@ -164,7 +179,23 @@ class NextTokenModule(L.LightningModule):
         loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum") / step_weight
         self.tokens_seen += int(all_tokens)
         self._log_step(loss, batch, optimizer, int(all_tokens))
+        self._log_by_dataset(self.trainer.strategy.reduce(by_dataset, reduce_op="sum"))
         return loss
+
+    def _add_by_dataset(self, by_dataset: torch.Tensor, mb: dict, per_sample: torch.Tensor):
+        weights = token_weights(mb["labels"], self.exponent).sum(1)
+        for i, name in enumerate(mb["datasets"]):
+            if name in self.dataset_names:
+                k = self.dataset_names.index(name)
+                by_dataset[0, k] += per_sample[i]
+                by_dataset[1, k] += weights[i]
+
+    def _log_by_dataset(self, by_dataset: torch.Tensor) -> None:
+        """The loss of each dataset's samples in this step, as ``train/loss`` weighs them."""
+        for k, name in enumerate(self.dataset_names):
+            if by_dataset[1, k] > 0:  # the dataset had samples in this step
+                loss = by_dataset[0, k] / by_dataset[1, k]
+                self.log(f"train/loss_{name}", loss, on_step=True, batch_size=1)
 
     def _touch_image_path(self) -> torch.Tensor:
         """A rank whose batch holds no image must still produce gradients (zeros) for the
