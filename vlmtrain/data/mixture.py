@@ -68,10 +68,10 @@ class MixtureDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        key = self.index[i]
-        name, j = key
-        if self.cache is None:
-            return {**self.encode(self.sources[name][j]), "dataset": name}
-        if key not in self.cache:
-            self.cache[key] = {**self.encode(self.sources[name][j]), "dataset": name}
-        return self.cache[key]
+        name, j = key = self.index[i]
+        if self.cache is not None and key in self.cache:
+            return self.cache[key]
+        sample = {**self.encode(self.sources[name][j]), "dataset": name}
+        if self.cache is not None:
+            self.cache[key] = sample
+        return sample

@@ -111,7 +111,8 @@ class NextTokenModule(L.LightningModule):
         self.tokens_seen = 0  # non-padding tokens (text + image) over all ranks
         self.exponent = reduction_exponent(stage.loss_reduction)
         # Per-dataset training loss, logged beside the total: which source is stuck.
-        self.dataset_names = sorted(n for n, w in stage.mixture.items() if w > 0)
+        names = sorted(n for n, w in stage.mixture.items() if w > 0)
+        self.dataset_index = {name: k for k, name in enumerate(names)}
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self):
@@ -148,7 +149,7 @@ class NextTokenModule(L.LightningModule):
         scale = world / step_weight
         loss_sum = torch.zeros((), device=self.device)
         # Row 0: weighted loss sums per dataset; row 1: their weights.
-        by_dataset = torch.zeros(2, len(self.dataset_names), device=self.device)
+        by_dataset = torch.zeros(2, len(self.dataset_index), device=self.device)
         for mb in micro_batches(batch, self.stage.batch_size):
             logits = self.model(
                 mb["input_ids"],
@@ -183,19 +184,21 @@ class NextTokenModule(L.LightningModule):
         return loss
 
     def _add_by_dataset(self, by_dataset: torch.Tensor, mb: dict, per_sample: torch.Tensor):
+        """Add each sample's loss sum and weight to its dataset's column (samples from
+        outside the stage's mixture, e.g. a hand-built batch, have none)."""
+        names = mb["datasets"]
+        columns = torch.tensor([self.dataset_index.get(n, -1) for n in names], device=self.device)
+        known = columns >= 0
         weights = token_weights(mb["labels"], self.exponent).sum(1)
-        for i, name in enumerate(mb["datasets"]):
-            if name in self.dataset_names:
-                k = self.dataset_names.index(name)
-                by_dataset[0, k] += per_sample[i]
-                by_dataset[1, k] += weights[i]
+        parts = torch.stack([per_sample, weights])[:, known].to(by_dataset.dtype)
+        by_dataset.index_add_(1, columns[known], parts)
 
     def _log_by_dataset(self, by_dataset: torch.Tensor) -> None:
         """The loss of each dataset's samples in this step, as ``train/loss`` weighs them."""
-        for k, name in enumerate(self.dataset_names):
-            if by_dataset[1, k] > 0:  # the dataset had samples in this step
-                loss = by_dataset[0, k] / by_dataset[1, k]
-                self.log(f"train/loss_{name}", loss, on_step=True, batch_size=1)
+        sums, weights = by_dataset.tolist()  # one device sync for all datasets
+        for name, k in self.dataset_index.items():
+            if weights[k] > 0:  # the dataset had samples in this step
+                self.log(f"train/loss_{name}", sums[k] / weights[k], on_step=True, batch_size=1)
 
     def _touch_image_path(self) -> torch.Tensor:
         """A rank whose batch holds no image must still produce gradients (zeros) for the
