@@ -592,6 +592,52 @@ def test_cached_encoding_gives_the_same_batches_and_encodes_each_sample_once(com
             assert torch.equal(a[key], b[key])
 
 
+MIXED = ("+stage.mixture.vqa=1", "+stage.mixture.caption=1")  # beside instruct (sft's)
+
+
+def test_length_hints_track_encoded_lengths(compose, tokenizer):
+    cfg = compose(*MIXED, "stage.max_length=128")
+    enc = make_encoder(cfg, tokenizer, cfg.data.root, cfg.stage.max_length)
+    samples = [
+        s
+        for name in ("vqa", "caption", "instruct")
+        for s in load_samples(cfg.data.datasets[name].train).select(range(10))
+    ]
+    hints = enc.length_hints(samples)
+    actual = [len(enc(s)["input_ids"]) for s in samples]
+    assert enc.images.nominal_tokens == TOKENS_PER_IMAGE
+    # The hint leaves out only the chat template's own tokens: a few per turn.
+    for h, a, s in zip(hints, actual, samples, strict=True):
+        assert 0 <= a - h <= 8 * len(s["messages"]) or a == h == 128, (s["id"], h, a)
+
+
+def test_group_by_length_pads_less_and_sees_the_same_samples(compose, tokenizer):
+    def epoch(grouped: bool):
+        cfg = compose(
+            *MIXED,
+            "stage.batch_size=4",
+            "stage.val_every=0",
+            f"stage.group_by_length={grouped}",
+        )
+        enc = make_encoder(cfg, tokenizer, cfg.data.root, cfg.stage.max_length)
+        dm = StageDataModule(cfg.data, cfg.stage, enc, seed=0)
+        dm.setup("fit")
+        mixture = dm.train_set
+        ids = Counter(mixture.sources[name][j]["id"] for name, j in mixture.index)
+        return list(dm.train_dataloader()), ids
+
+    (plain, ids), (grouped, same_ids) = epoch(False), epoch(True)
+    assert ids == same_ids and len(plain) == len(grouped) == sum(ids.values()) // 4
+    # Each epoch draws from the mixture without repeats (drop_last leaves under 4 out).
+    for batches in (plain, grouped):
+        assert not Counter(i for b in batches for i in b["ids"]) - ids
+
+    def padding(batches):
+        return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+    assert padding(grouped) < 0.5 * padding(plain)
+
+
 # ---------------------------------------- 7. gradient accumulation leaves the step unchanged
 def _step(model, batch, size, exponent=0.0):
     model.zero_grad(set_to_none=True)

@@ -161,6 +161,9 @@ class StageConfig:
     init: InitConfig = field(default_factory=InitConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     max_steps: int = 100
+    # Steps of like-length samples (LLaVA's group_by_modality_length): less padding,
+    # at the price of steps less mixed than the mixture.
+    group_by_length: bool = False
     batch_size: int = 8  # per device, per micro-batch
     accumulate: int = 1  # micro-batches per optimizer step
     # When set, ``accumulate`` is derived: global = batch_size * accumulate * devices * nodes.
@@ -183,6 +186,8 @@ class TrainerConfig:
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     log_every: int = 1
     num_threads: int | None = None  # torch intra-op threads (CPU); None leaves torch's default
+    # glibc keeps freed memory for reuse (see runtime.keep_freed_memory): fewer page faults.
+    keep_freed_memory: bool = True
     deterministic: bool = False
     progress_bar: bool = True
 

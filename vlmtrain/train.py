@@ -39,6 +39,7 @@ from vlmtrain.model.lm import load_tokenizer
 from vlmtrain.model.vision import build_image_processor
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.next_token import NextTokenModule
+from vlmtrain.runtime import keep_freed_memory
 
 console = Console()
 OBJECTIVES = {"next_token": NextTokenModule}
@@ -200,6 +201,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
+    if cfg.trainer.keep_freed_memory:
+        keep_freed_memory()
     prepare_data(cfg)
     tokenizer, model = build_model(cfg, init)
     apply_trainable(model, stage.trainable, stage.lora)

@@ -7,6 +7,7 @@ Nothing is dropped or zero-filled.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,24 @@ class SampleEncoder:
             "labels": labels_from_mask(input_ids, torch.tensor(mask)),
             "pixel_values": pixel_values,
         }
+
+    def length_hints(self, samples: Iterable[dict[str, Any]]) -> list[int]:
+        """Approximate encoded lengths, for grouping batches by length: the text's tokens
+        (without the chat template) plus the images' nominal tokens, capped at max_length.
+        One batched tokenizer call, no image decoded."""
+        samples = list(samples)
+        texts = [
+            s["text"]
+            if s.get("text") is not None
+            else " ".join(m["content"] for m in s["messages"])
+            for s in samples
+        ]
+        counts = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        per_image = self.images.nominal_tokens
+        return [
+            min(self.max_length, len(ids) + per_image * len(s["images"]))
+            for ids, s in zip(counts, samples, strict=True)
+        ]
 
 
 def _expand(ids: list[int], mask: list[int], token: int, n: int) -> tuple[list[int], list[int]]:

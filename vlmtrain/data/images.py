@@ -7,6 +7,7 @@ disagree.
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -47,6 +48,12 @@ class ImageProcessor:
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         """(num_images, 3, H, W) float tensor."""
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    @cached_property
+    def nominal_tokens(self) -> int:
+        """Image tokens of an image as the processor sizes it (a length hint: an image
+        processor that tiles or keeps the aspect ratio may give others more)."""
+        return self.tokens_per_image(self([Image.new("RGB", (512, 512))]))
 
     def tokens_per_image(self, pixel_values: torch.Tensor) -> int:
         h, w = pixel_values.shape[-2:]

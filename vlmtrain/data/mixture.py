@@ -67,6 +67,11 @@ class MixtureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def length_hints(self) -> list[int]:
+        """One approximate length per mixture entry (see ``SampleEncoder.length_hints``)."""
+        per_source = {name: self.encode.length_hints(src) for name, src in self.sources.items()}
+        return [per_source[name][j] for name, j in self.index]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         name, j = key = self.index[i]
         if self.cache is not None and key in self.cache:

@@ -67,10 +67,15 @@ class StageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        step_samples = self.stage.batch_size * self.stage.accumulate
+        lengths = self.train_set.length_hints() if self.stage.group_by_length else None
+        sampler = EpochShuffleSampler(
+            len(self.train_set), self.seed, rank, world, lengths, step_samples * world
+        )
         return StatefulDataLoader(
             self.train_set,
-            batch_size=self.stage.batch_size * self.stage.accumulate,
-            sampler=EpochShuffleSampler(len(self.train_set), self.seed, rank, world),
+            batch_size=step_samples,
+            sampler=sampler,
             drop_last=True,
             collate_fn=self.collate,
             num_workers=self.data.num_workers,

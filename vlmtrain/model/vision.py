@@ -153,7 +153,9 @@ class ConvPatchEmbedding(nn.Module):
         layers: list[nn.Module] = []
         channels = 3
         for i in range(depth):
-            out = hidden_size if i == depth - 1 else min(hidden_size, hidden_size // 2 * 2**i)
+            # Channels double as the resolution halves, ending at hidden_size, so the convs
+            # after the first cost about the same (32-64-64 cost twice as much as 16-32-64).
+            out = max(1, hidden_size >> (depth - 1 - i))
             layers.append(nn.Conv2d(channels, out, 3, stride=2, padding=1))
             if i < depth - 1:
                 layers.append(nn.GELU())

@@ -128,6 +128,7 @@ class NextTokenModule(L.LightningModule):
         }
 
     def training_step(self, batch: dict, batch_idx: int):
+        step = self.global_step  # one batch is one optimizer step: Lightning's logging step
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         world = self.trainer.world_size
@@ -179,8 +180,7 @@ class NextTokenModule(L.LightningModule):
 
         loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum") / step_weight
         self.tokens_seen += int(all_tokens)
-        self._log_step(loss, batch, optimizer, int(all_tokens))
-        self._log_by_dataset(self.trainer.strategy.reduce(by_dataset, reduce_op="sum"))
+        self._log_step(step, loss, batch, optimizer, int(all_tokens), by_dataset)
         return loss
 
     def _add_by_dataset(self, by_dataset: torch.Tensor, mb: dict, per_sample: torch.Tensor):
@@ -192,13 +192,6 @@ class NextTokenModule(L.LightningModule):
         weights = token_weights(mb["labels"], self.exponent).sum(1)
         parts = torch.stack([per_sample, weights])[:, known].to(by_dataset.dtype)
         by_dataset.index_add_(1, columns[known], parts)
-
-    def _log_by_dataset(self, by_dataset: torch.Tensor) -> None:
-        """The loss of each dataset's samples in this step, as ``train/loss`` weighs them."""
-        sums, weights = by_dataset.tolist()  # one device sync for all datasets
-        for name, k in self.dataset_index.items():
-            if weights[k] > 0:  # the dataset had samples in this step
-                self.log(f"train/loss_{name}", sums[k] / weights[k], on_step=True, batch_size=1)
 
     def _touch_image_path(self) -> torch.Tensor:
         """A rank whose batch holds no image must still produce gradients (zeros) for the
@@ -226,20 +219,44 @@ class NextTokenModule(L.LightningModule):
                 "Freeze them (stage.trainable) or check the forward path."
             )
 
-    def _log_step(self, loss: torch.Tensor, batch: dict, optimizer, tokens: int) -> None:
+    def _log_step(
+        self,
+        step: int,
+        loss: torch.Tensor,
+        batch: dict,
+        optimizer,
+        tokens: int,
+        by_dataset: torch.Tensor,
+    ) -> None:
+        """One logger row per logged step. ``self.log`` feeds only the progress bar and
+        ``callback_metrics``: it would re-log a dataset absent from a step with the value
+        of the last step that had it, which with ``stage.group_by_length`` is most steps."""
         now = time.perf_counter()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=1)
-        # One learning rate per component (its decay and no-decay groups share it).
-        lrs = {g["name"].removesuffix("_no_decay"): g["lr"] for g in optimizer.param_groups}
-        for name, lr in lrs.items():
-            self.log(f"train/lr_{name}", lr, on_step=True, batch_size=1)
-        if self._last_step_end is not None:
-            dt = now - self._last_step_end
-            samples = batch["input_ids"].shape[0] * self.trainer.world_size
-            self.log("perf/step_time_s", dt, on_step=True, batch_size=1)
-            self.log("perf/tokens_per_s", tokens / dt, on_step=True, batch_size=1)
-            self.log("perf/samples_per_s", samples / dt, on_step=True, batch_size=1)
+        dt = now - self._last_step_end if self._last_step_end is not None else None
         self._last_step_end = now
+        self.log("train/loss", loss, prog_bar=True, logger=False, on_step=True, batch_size=1)
+        if (step + 1) % self.trainer.log_every_n_steps:  # the steps Lightning would log
+            return
+        metrics = {"train/loss": loss.item()}
+        # One learning rate per component (its decay and no-decay groups share it).
+        for g in optimizer.param_groups:
+            metrics[f"train/lr_{g['name'].removesuffix('_no_decay')}"] = g["lr"]
+        # The loss of each dataset's samples in this step, as ``train/loss`` weighs them.
+        sums, weights = self.trainer.strategy.reduce(by_dataset, reduce_op="sum").tolist()
+        for name, k in self.dataset_index.items():
+            if weights[k] > 0:  # the dataset had samples in this step
+                metrics[f"train/loss_{name}"] = sums[k] / weights[k]
+        if dt is not None:
+            samples = batch["input_ids"].shape[0] * self.trainer.world_size
+            metrics.update(
+                {
+                    "perf/step_time_s": dt,
+                    "perf/tokens_per_s": tokens / dt,
+                    "perf/samples_per_s": samples / dt,
+                }
+            )
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
 
     # -------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int):
