@@ -33,7 +33,7 @@ def param_groups(
 
 def build_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
     # Fused: one kernel over all parameters, on CPU as on GPU. torch's CPU default is a
-    # per-tensor loop, 7x slower on the tiny model (scripts/benchmark_optimizer.py); the
+    # per-tensor loop, 4-7x slower on the tiny model (scripts/benchmark_optimizer.py); the
     # results differ from it by float rounding only. Other devices keep torch's default.
     devices = {p.device.type for g in groups for p in g["params"]}
     fused = devices <= {"cpu", "cuda"} or None
