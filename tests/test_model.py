@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -343,6 +344,52 @@ def test_lora_needs_a_trainable_lm(compose, tokenizer):
 
 
 # -------------------------------------------------------- 4. every trainable gets a grad
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("stage=sft", "stage.trainable.vision=true"),  # everything trains
+        ("stage=align",),  # frozen tower and LM around the projector
+        ("stage=sft", "stage.lora.enabled=true"),
+    ],
+)
+def test_activation_checkpointing_recomputes_layers_and_leaves_gradients_unchanged(
+    compose, tokenizer, overrides
+):
+    cfg = compose(*overrides)
+    batch = real_batch(cfg, tokenizer)
+
+    def step(checkpointing: bool):
+        model = build(cfg, tokenizer)
+        apply_trainable(model, cfg.stage.trainable, cfg.stage.lora)
+        if checkpointing:
+            model.enable_activation_checkpointing()
+        model.train()
+        calls = Counter()
+        # transformers checkpoints a layer's forward, so its own hooks run once; its MLP
+        # starts again when backward recomputes the layer (a pre-hook: torch stops the
+        # recompute early, once the tensors backward needs are back).
+        mlps = {
+            "vision": model.vision_tower.model.encoder.layers[0].mlp,
+            "lm": model.language_model.get_decoder().layers[0].mlp,
+        }
+        for name, mlp in mlps.items():
+            mlp.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
+        loss = loss_of(model, batch)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, calls
+
+    loss, grads, calls = step(False)
+    ck_loss, ck_grads, ck_calls = step(True)
+    assert calls == {"vision": 1, "lm": 1}
+    # Each layer backward passes through ran again; a frozen tower is not in backward.
+    assert ck_calls == {"vision": 2 if cfg.stage.trainable.vision else 1, "lm": 2}
+    assert torch.equal(loss, ck_loss)
+    assert grads.keys() == ck_grads.keys() and grads
+    for n, g in grads.items():
+        assert g is not None and torch.allclose(g, ck_grads[n], rtol=1e-5, atol=1e-7), n
+
+
 def test_unused_trainable_parameter_is_reported(compose, tokenizer):
     cfg = compose()
     model = build(cfg, tokenizer)

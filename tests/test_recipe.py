@@ -65,6 +65,25 @@ def test_llava15_plan_matches_published_sizes(compose):
     assert "needs model.lm.path" in finetune["init"]["lm"]
 
 
+def test_llava15_plans_activation_checkpointing_as_published(compose):
+    """LLaVA-1.5 checkpoints activations; without it, a finetune device would need ~7x
+    the activation memory (16 x 2048 tokens through 32 layers of 4096)."""
+    on = plan_recipe(compose("recipe=llava15", "trainer=gpu", "trainer.devices=8"))
+    off = plan_recipe(
+        compose(
+            "recipe=llava15",
+            "trainer=gpu",
+            "trainer.devices=8",
+            "trainer.activation_checkpointing=false",
+        )
+    )
+    for a, b in zip(on, off, strict=True):
+        mem_on, mem_off = a["memory_gib_per_device"], b["memory_gib_per_device"]
+        assert mem_on["activations"] < 0.2 * mem_off["activations"]
+        for part in ("weights", "grads", "optimizer"):
+            assert mem_on[part] == mem_off[part]
+
+
 def test_plan_of_tiny_recipe_on_meta(compose):
     plans = plan_recipe(compose("recipe=tiny"))
     assert [p["stage"] for p in plans] == ["lm_pretrain", "align", "sft"]

@@ -56,18 +56,29 @@ def estimate_memory(
         grads, optim = grads / devices, optim / devices
     # Activations kept for backward: ~34 bytes x hidden per token per layer (no recompute,
     # 16-bit), doubled for fp32; the LM keeps them whenever anything before it trains.
+    # Checkpointed, a layer keeps only its input (2 or 4 bytes x hidden) and one layer's
+    # full set lives while backward recomputes it.
     act_b = 34 * (2 if weight_b == 4 and "mixed" not in trainer.precision else 1)
+
+    def kept(tokens: int, hidden: int, layers: int) -> float:
+        per_layer = act_b / 17 if trainer.activation_checkpointing else act_b
+        return (
+            tokens
+            * hidden
+            * (layers * per_layer + (act_b if trainer.activation_checkpointing else 0))
+        )
+
     lm_cfg = model.language_model.config
     tokens = stage.batch_size * stage.max_length
     activations = 0.0
     if trainable:
-        activations += tokens * lm_cfg.hidden_size * lm_cfg.num_hidden_layers * act_b
+        activations += kept(tokens, lm_cfg.hidden_size, lm_cfg.num_hidden_layers)
         activations += tokens * lm_cfg.vocab_size * 4 * 2  # fp32 logits and their gradient
     if counts["vision"][0]:
         spec = model.vision_spec
         v = model.vision_tower.config
-        activations += (
-            stage.batch_size * spec.tokens_per_image * v.hidden_size * v.num_hidden_layers * act_b
+        activations += kept(
+            stage.batch_size * spec.tokens_per_image, v.hidden_size, v.num_hidden_layers
         )
     gib = 2**30
     return {
@@ -148,6 +159,7 @@ def print_plan(plans: list[dict[str, Any]], cfg: DictConfig) -> None:
         console.print(
             f"  image tokens per image {p['image_tokens_per_image']}; samples per step "
             f"{p['samples_per_step']}; tokens per step <= {p['max_tokens_per_step']:,}\n"
-            f"  memory per device (estimate at max_length, no activation checkpointing): {mem['total']:.1f} GiB = weights {mem['weights']:.1f} "
+            f"  memory per device (estimate at max_length, activation checkpointing "
+            f"{'on' if cfg.trainer.activation_checkpointing else 'off'}): {mem['total']:.1f} GiB = weights {mem['weights']:.1f} "
             f"+ grads {mem['grads']:.1f} + optimizer {mem['optimizer']:.1f} + activations {mem['activations']:.1f}"
         )

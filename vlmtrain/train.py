@@ -206,6 +206,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     prepare_data(cfg)
     tokenizer, model = build_model(cfg, init)
     apply_trainable(model, stage.trainable, stage.lora)
+    if cfg.trainer.activation_checkpointing:
+        model.enable_activation_checkpointing()
     _print_start(stage, model, init)
 
     datamodule = StageDataModule(cfg.data, stage, make_encoder(cfg, model, tokenizer), cfg.seed)

@@ -69,6 +69,13 @@ class VisionLanguageModel(nn.Module):
             "lm": self.language_model,
         }
 
+    def enable_activation_checkpointing(self) -> None:
+        """Keep only each transformer layer's input for backward and recompute the rest
+        (vision tower and LM). Non-reentrant checkpointing, so frozen components and
+        LoRA need no inputs that require grad."""
+        for model in (self.vision_tower.model, self.language_model):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+
     @property
     def vision_spec(self) -> VisionSpec:
         return self.vision_tower.spec()
