@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlmtrain.artifacts import config_hash
 
@@ -100,11 +101,19 @@ def test_kill_and_rerun_resumes_exactly(shapes_root, tmp_path):
     )
     assert killed.returncode != 0, "the kill hook did not fire"
     stage_dir = tmp_path / "killed" / "sft"
-    assert (stage_dir / "checkpoints" / "last.ckpt").is_file()
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
     assert not (stage_dir / "artifact").exists()
+    # The stage's wall time continues from the checkpoint's: make that time unmistakable.
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["callbacks"]["StageClock"]["elapsed_s"] > 0
+    ckpt["callbacks"]["StageClock"]["elapsed_s"] = 1000.0
+    torch.save(ckpt, last)
 
     resumed = vlmtrain([*args, "run_name=killed"], cwd=tmp_path)
     assert "resuming from" in resumed.stdout
+    manifest = json.loads((stage_dir / "artifact" / "manifest.json").read_text())
+    assert 1000 < manifest["metrics"]["wall_time_s"] < 1000 + 300
 
     want = losses(tmp_path / "straight" / "sft" / "logs" / "csv" / "metrics.csv")
     got = losses(stage_dir / "logs" / "csv" / "metrics.csv")

@@ -118,15 +118,38 @@ class KillAfterStep(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class StageClock(Callback):
+    """A stage's training time over all its runs: checkpoints carry the time so far, so a
+    resumed stage adds its earlier runs' time up to their last checkpoint (steps redone
+    after a kill count once, at their redo)."""
+
+    def __init__(self):
+        self.before = 0.0  # from the checkpoint resumed
+        self.start: float | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.before = state["elapsed_s"]
+
+
 def build_trainer(cfg: DictConfig, stage_dir: Path) -> L.Trainer:
     stage = cfg.stage
     callbacks: list[Callback] = [
+        StageClock(),
         ModelCheckpoint(
             dirpath=stage_dir / "checkpoints",
             every_n_train_steps=cfg.trainer.checkpoint_every,
             save_last=True,
             save_top_k=0,
-        )
+        ),
     ]
     if cfg.trainer.progress_bar:
         callbacks.append(RichProgressBar())
@@ -218,15 +241,14 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     last = ckpt_dir / "last.ckpt"
     if last.is_file():
         console.print(f"[bold]stage {stage.name}[/]: resuming from {last}")
-    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
-    elapsed = time.perf_counter() - start
+    (clock,) = (c for c in trainer.callbacks if isinstance(c, StageClock))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(
         steps=trainer.global_step,
         tokens_seen=module.tokens_seen,
-        wall_time_s=elapsed,
+        wall_time_s=clock.elapsed(),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
     if torch.cuda.is_available():
