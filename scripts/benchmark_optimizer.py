@@ -49,15 +49,7 @@ def main() -> int:
     for name, kwargs in IMPLS.items():
         m = copy.deepcopy(model)
         params = list(m.parameters())
-        groups = param_groups(
-            {
-                "vision": m.vision_tower,
-                "projector": m.multi_modal_projector,
-                "lm": m.language_model,
-            },
-            stage.optim,
-            stage.trainable,
-        )
+        groups = param_groups(m.components(), stage.optim, stage.trainable)
         opt = torch.optim.AdamW(groups, lr=stage.optim.lr, **kwargs)
         runs[name] = (params, opt, [])
 

@@ -61,12 +61,9 @@ def estimate_memory(
     act_b = 34 * (2 if weight_b == 4 and "mixed" not in trainer.precision else 1)
 
     def kept(tokens: int, hidden: int, layers: int) -> float:
-        per_layer = act_b / 17 if trainer.activation_checkpointing else act_b
-        return (
-            tokens
-            * hidden
-            * (layers * per_layer + (act_b if trainer.activation_checkpointing else 0))
-        )
+        if trainer.activation_checkpointing:
+            return tokens * hidden * (layers * act_b / 17 + act_b)
+        return tokens * hidden * layers * act_b
 
     lm_cfg = model.language_model.config
     tokens = stage.batch_size * stage.max_length
