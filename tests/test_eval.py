@@ -163,7 +163,7 @@ def test_cli_writes_json_and_markdown(compose, shapes_root, tmp_path, capsys):
     )
 
     assert eval_main([str(artifact), "--data-root", str(shapes_root), "--limit", "6"]) == 0
-    out_dir = tmp_path / "run" / "sft" / "eval"  # the default: next to the artifact
+    out_dir = tmp_path / "run" / "sft" / "eval-cli"  # the default: next to the artifact
     results = json.loads((out_dir / "eval.json").read_text())
     assert set(results) == {"test", "caption_test", "test_unseen", "caption_test_unseen"}
     acc = results["test"]["overall"]["accuracy"]

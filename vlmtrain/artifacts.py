@@ -19,6 +19,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import uuid
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,14 @@ def save_artifact(
     model.vision_tower.config.to_json_file(tmp / "vision_config.json")
     model.language_model.config.to_json_file(tmp / "lm_config.json")
     tokenizer.save_pretrained(tmp / "tokenizer")
-    manifest = {**manifest, "versions": package_versions(), "code_version": code_version()}
+    manifest = {
+        **manifest,
+        # Unique per save: records of this model (its evaluation) name it, so a retrained
+        # stage's new artifact never inherits the old one's (see vlmtrain.records).
+        "artifact_id": uuid.uuid4().hex,
+        "versions": package_versions(),
+        "code_version": code_version(),
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 
+from vlmtrain.records import trainings_set_aside
+
 
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer deletes an existing metrics.csv; a resumed stage must append."""
@@ -32,20 +34,29 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
-def build_logger(cfg: DictConfig, stage_dir: Path) -> Logger:
+def build_logger(cfg: DictConfig, stage_dir: Path) -> list[Logger]:
+    """The chosen logger, after a CSV logger that every stage keeps whatever the choice:
+    summaries and the loss-curve plot read it, so they work with any logger."""
     kind = cfg.logger.type
+    # A fixed version directory: a resumed stage appends to the same metrics.csv.
+    # Flushed every step: a killed job loses no logged row.
+    csv_logger = ResumableCSVLogger(
+        save_dir=stage_dir, name="logs", version="csv", flush_logs_every_n_steps=1
+    )
     if kind == "csv":
-        # A fixed version directory: a resumed stage appends to the same metrics.csv.
-        # Flushed every step: a killed job loses no logged row.
-        return ResumableCSVLogger(
-            save_dir=stage_dir, name="logs", version="csv", flush_logs_every_n_steps=1
-        )
+        return [csv_logger]
     if kind == "tensorboard":
-        return TensorBoardLogger(save_dir=stage_dir, name="logs", version="tensorboard")
+        return [
+            csv_logger,
+            TensorBoardLogger(save_dir=stage_dir, name="logs", version="tensorboard"),
+        ]
     if kind == "wandb":
-        # The id comes from the stage directory, so a re-run continues the same wandb run.
-        run_id = hashlib.sha1(str(stage_dir.resolve()).encode()).hexdigest()[:12]
-        return WandbLogger(
+        # The id comes from the stage directory and its training (a stage restarted from
+        # scratch is a new run), so a resumed stage continues the same wandb run.
+        training = trainings_set_aside(stage_dir)
+        key = f"{stage_dir.resolve()}#{training}" if training else str(stage_dir.resolve())
+        run_id = hashlib.sha1(key.encode()).hexdigest()[:12]
+        wandb = WandbLogger(
             project=cfg.logger.project,
             name=f"{cfg.run_name}/{cfg.stage.name}",
             id=run_id,
@@ -53,4 +64,16 @@ def build_logger(cfg: DictConfig, stage_dir: Path) -> Logger:
             save_dir=str(stage_dir),
             mode=cfg.logger.mode,
         )
+        return [csv_logger, wandb]
     raise ValueError(f"logger.type={kind!r}: expected csv, tensorboard or wandb")
+
+
+def log_location(logger: Logger) -> str:
+    """Where a logger's records are, as a user would open them."""
+    if isinstance(logger, CSVLogger):
+        return str(Path(logger.log_dir) / "metrics.csv")
+    if isinstance(logger, WandbLogger):
+        run = logger.experiment
+        url = getattr(run, "url", None)
+        return url or str(Path(run.dir).parent)
+    return str(logger.log_dir)

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlmtrain.config import COMPONENTS
+from vlmtrain.records import current_evaluation
 
 console = Console()
 
@@ -107,8 +108,8 @@ def _stage_row(name: str, stage_dir: Path, artifact: Path) -> dict[str, Any]:
         "val_loss": metrics.get("val/loss"),
         "artifact": str(artifact),
     }
-    eval_path = stage_dir / "eval" / "eval.json"
-    if eval_path.is_file():
+    eval_path = current_evaluation(stage_dir / "eval", artifact)  # never an older model's
+    if eval_path is not None:
         results = json.loads(eval_path.read_text())
         row["eval"] = {  # VQA splits; caption results are in eval.md
             split: r["overall"]["accuracy"]

@@ -33,12 +33,13 @@ from vlmtrain.data.chat import check_chat_template
 from vlmtrain.data.encode import SampleEncoder
 from vlmtrain.data.images import ImageProcessor
 from vlmtrain.data.module import StageDataModule
-from vlmtrain.loggers import build_logger
+from vlmtrain.loggers import build_logger, log_location
 from vlmtrain.model.freezing import apply_trainable, parameter_table
 from vlmtrain.model.lm import load_tokenizer
 from vlmtrain.model.vision import build_image_processor
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.next_token import NextTokenModule
+from vlmtrain.records import current_evaluation, mark_evaluated, set_aside, set_aside_previous
 from vlmtrain.runtime import keep_freed_memory
 
 console = Console()
@@ -140,10 +141,34 @@ class StageClock(Callback):
         self.before = state["elapsed_s"]
 
 
+class LastMetrics(Callback):
+    """The stage's last logged metrics (final loss, ...), kept in every checkpoint: a stage
+    re-run after its last step was checkpointed trains no step and logs nothing, yet its
+    artifact must still report its final loss."""
+
+    def __init__(self):
+        self.restored: dict[str, float] = {}
+        self.trainer: L.Trainer | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
+
+    def metrics(self) -> dict[str, float]:
+        current = self.trainer.callback_metrics if self.trainer is not None else {}
+        return {**self.restored, **{k: float(v) for k, v in current.items()}}
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        return {"metrics": self.metrics()}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        self.restored = dict(state["metrics"])
+
+
 def build_trainer(cfg: DictConfig, stage_dir: Path) -> L.Trainer:
     stage = cfg.stage
     callbacks: list[Callback] = [
         StageClock(),
+        LastMetrics(),
         ModelCheckpoint(
             dirpath=stage_dir / "checkpoints",
             every_n_train_steps=cfg.trainer.checkpoint_every,
@@ -236,15 +261,21 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     datamodule = StageDataModule(cfg.data, stage, make_encoder(cfg, model, tokenizer), cfg.seed)
     module = OBJECTIVES[stage.objective](model, stage)
 
-    trainer = build_trainer(cfg, stage_dir)
     ckpt_dir = stage_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if last.is_file():
         console.print(f"[bold]stage {stage.name}[/]: resuming from {last}")
+    else:  # from scratch: an earlier training's logs and evaluation describe another model
+        for old, new in set_aside_previous(stage_dir):
+            console.print(f"stage {stage.name}: earlier training's {old.name}/ kept as {new}")
+    trainer = build_trainer(cfg, stage_dir)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
     (clock,) = (c for c in trainer.callbacks if isinstance(c, StageClock))
+    (last_metrics,) = (c for c in trainer.callbacks if isinstance(c, LastMetrics))
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = last_metrics.metrics()
     metrics.update(
         steps=trainer.global_step,
         tokens_seen=module.tokens_seen,
@@ -269,22 +300,29 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
         )
     # Other ranks must not read the artifact (next stage) before rank 0 has written it.
     trainer.strategy.barrier("artifact")
-    _print_end(stage, metrics, artifact_dir, stage_dir)
+    _print_end(stage, metrics, artifact_dir, trainer)
     evaluate_if_asked(cfg, artifact_dir, stage_dir)
     return artifact_dir
 
 
 @rank_zero_only
 def evaluate_if_asked(cfg: DictConfig, artifact_dir: Path, stage_dir: Path) -> None:
-    """Evaluate the stage's artifact on its eval splits, once (results are kept)."""
-    if not cfg.stage.eval_splits or (stage_dir / "eval" / "eval.json").is_file():
+    """Evaluate the stage's artifact on its eval splits, once per artifact: results are
+    kept, and an evaluation of an earlier artifact of this stage is set aside, never
+    reported as this one's."""
+    eval_dir = stage_dir / "eval"
+    if not cfg.stage.eval_splits or current_evaluation(eval_dir, artifact_dir):
         return
+    if eval_dir.exists():
+        moved = set_aside(eval_dir)
+        console.print(f"stage {cfg.stage.name}: evaluation of an earlier artifact kept as {moved}")
     from vlmtrain.eval import evaluate_artifact, write_report
 
     results = evaluate_artifact(
         artifact_dir, cfg.data.root, splits=tuple(cfg.stage.eval_splits), limit=cfg.stage.eval_limit
     )
-    write_report(results, stage_dir / "eval")
+    write_report(results, eval_dir)
+    mark_evaluated(eval_dir, artifact_dir, owner="stage", limit=cfg.stage.eval_limit)
 
 
 @rank_zero_only
@@ -296,11 +334,12 @@ def _print_start(stage: DictConfig, model: VisionLanguageModel, init: dict[str, 
 
 @rank_zero_only
 def _print_end(
-    stage: DictConfig, metrics: dict[str, float], artifact_dir: Path, stage_dir: Path
+    stage: DictConfig, metrics: dict[str, float], artifact_dir: Path, trainer: L.Trainer
 ) -> None:
     loss = metrics.get("train/loss")
+    logs = "\n".join(f"  logs: {log_location(lg)}" for lg in trainer.loggers)
     console.print(
         f"[bold]stage {stage.name}[/] done: {metrics['steps']} steps in {metrics['wall_time_s']:.1f}s"
         + (f", final loss {loss:.4f}" if loss is not None else "")
-        + f", peak RSS {metrics['peak_rss_mb']:.0f} MB\n  artifact: {artifact_dir}\n  logs: {stage_dir / 'logs'}"
+        + f", peak RSS {metrics['peak_rss_mb']:.0f} MB\n  artifact: {artifact_dir}\n{logs}"
     )
