@@ -266,8 +266,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     if last.is_file():
         console.print(f"[bold]stage {stage.name}[/]: resuming from {last}")
     else:  # from scratch: an earlier training's logs and evaluation describe another model
-        for old, new in set_aside_previous(stage_dir):
-            console.print(f"stage {stage.name}: earlier training's {old.name}/ kept as {new}")
+        _set_aside_previous(stage.name, stage_dir)
     trainer = build_trainer(cfg, stage_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
@@ -323,6 +322,12 @@ def evaluate_if_asked(cfg: DictConfig, artifact_dir: Path, stage_dir: Path) -> N
     )
     write_report(results, eval_dir)
     mark_evaluated(eval_dir, artifact_dir, owner="stage", limit=cfg.stage.eval_limit)
+
+
+@rank_zero_only  # once: other ranks re-run this script after rank 0 has begun logging
+def _set_aside_previous(name: str, stage_dir: Path) -> None:
+    for old, new in set_aside_previous(stage_dir):
+        console.print(f"stage {name}: earlier training's {old.name}/ kept as {new}")
 
 
 @rank_zero_only
