@@ -163,9 +163,11 @@ def test_align_then_sft_takes_projector_by_reference(shapes_root, tmp_path):
 
 def test_multirun_sweep_one_directory_per_job(shapes_root, tmp_path):
     args = [*base_args(shapes_root, tmp_path), "run_name=sweep", "stage=align", "stage.max_steps=2"]
-    vlmtrain(["-m", *args, "stage.optim.lr=0.001,0.002"], cwd=tmp_path)
-    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if (p / "align" / "artifact").is_dir())
-    assert [j.name for j in jobs] == ["0", "1"]
+    proc = vlmtrain(["-m", *args, "stage.optim.lr=0.001,0.002"], cwd=tmp_path)
+    sweep = tmp_path / "sweep"
+    jobs = sorted(p for p in sweep.iterdir() if (p / "align" / "artifact").is_dir())
+    # Named by the values the sweep varies, so a re-run finds each job whatever the order.
+    assert [j.name for j in jobs] == ["stage.optim.lr=0.001", "stage.optim.lr=0.002"]
     lrs = [
         json.loads((j / "align" / "artifact" / "manifest.json").read_text())["config"]["stage"][
             "optim"
@@ -173,6 +175,15 @@ def test_multirun_sweep_one_directory_per_job(shapes_root, tmp_path):
         for j in jobs
     ]
     assert lrs == [0.001, 0.002]
+    # Each stage records its resolved config and the overrides it was started with.
+    record = [json.loads(line) for line in (jobs[0] / "align" / "invocations.jsonl").open()]
+    assert "stage.optim.lr=0.001" in record[0]["overrides"] and record[0]["code_version"]
+    # One table of every job's results.
+    with (sweep / "sweep_summary.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["job"] for r in table] == [j.name for j in jobs]
+    assert all(float(r["align/final_loss"]) > 0 for r in table)
+    assert "sweep summary" in proc.stdout and (sweep / "sweep_summary.md").is_file()
 
 
 @pytest.mark.slow

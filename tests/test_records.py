@@ -35,6 +35,7 @@ def test_retrained_stage_gets_fresh_records_and_keeps_the_old_ones(shapes_root, 
     stage = tmp_path / "rec" / "sft"
     vlmtrain(args, cwd=tmp_path)
     first = _manifest(stage)
+    assert "lr: 0.001" in (stage / "config.yaml").read_text()
     source = json.loads((stage / "eval" / "source.json").read_text())
     assert source["artifact_id"] == first["artifact_id"] and source["owner"] == "stage"
 
@@ -62,6 +63,17 @@ def test_retrained_stage_gets_fresh_records_and_keeps_the_old_ones(shapes_root, 
     shutil.rmtree(stage / "checkpoints")
     proc = vlmtrain([*args, "stage.max_steps=3"], cwd=tmp_path)
     assert "kept as" in proc.stdout
+    starts = [json.loads(line) for line in (stage / "invocations.jsonl").open()]
+    assert [s["resumed"] for s in starts] == [False, True, False]
+    assert "stage.max_steps=3" in starts[-1]["overrides"]
+
+    # A refused invocation (a changed config on a finished stage) changes no record.
+    before = {p: p.read_bytes() for p in (tmp_path / "rec").rglob("*") if p.is_file()}
+    refused = vlmtrain([*args, "stage.max_steps=4"], cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "stage.max_steps: 3 -> 4" in refused.stderr
+    after = {p: p.read_bytes() for p in (tmp_path / "rec").rglob("*") if p.is_file()}
+    assert after.keys() - before.keys() <= {tmp_path / "rec" / "cli.log"}
+    assert all(after[p] == before[p] for p in before if p.name != "cli.log")
     assert [r["step"] for r in _rows(stage / "logs" / "csv" / "metrics.csv")] == ["0", "1", "2"]
     assert len(_rows(stage / "logs.previous-1" / "csv" / "metrics.csv")) == 2
     assert (stage / "eval.previous-2" / "eval.json").is_file()

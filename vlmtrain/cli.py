@@ -16,10 +16,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vlmtrain.config import register_configs
+from vlmtrain.sweep import register_resolvers
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 register_configs()
+register_resolvers()
 
 # Known-harmless noise from dependencies; everything else still shows.
 for pattern in (

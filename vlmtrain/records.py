@@ -24,6 +24,41 @@ EVAL_SOURCE = "source.json"
 PER_MODEL_RECORDS = ("logs", EVAL_DIR)
 
 
+def write_stage_record(stage_dir: Path, resolved: dict[str, Any], resumed: bool) -> None:
+    """At stage start (after every check that could refuse the invocation): the resolved
+    config in ``config.yaml``, and one line per invocation in ``invocations.jsonl`` with
+    the command-line overrides, the code and package versions."""
+    import sys
+    import time
+
+    import yaml
+
+    from vlmtrain.artifacts import code_version, package_versions
+
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed": resumed,
+        "overrides": command_line_overrides(),
+        "argv": sys.argv,
+        "code_version": code_version(),
+        "versions": package_versions(),
+    }
+    with (stage_dir / "invocations.jsonl").open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def command_line_overrides() -> list[str]:
+    """The Hydra overrides of this job (those a sweep gave it included), when under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
 def artifact_identity(artifact_dir: Path) -> dict[str, Any]:
     """What names one trained artifact: its id (unique per save) and config hash."""
     manifest = json.loads((Path(artifact_dir) / "manifest.json").read_text())

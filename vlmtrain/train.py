@@ -39,7 +39,13 @@ from vlmtrain.model.lm import load_tokenizer
 from vlmtrain.model.vision import build_image_processor
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.next_token import NextTokenModule
-from vlmtrain.records import current_evaluation, mark_evaluated, set_aside, set_aside_previous
+from vlmtrain.records import (
+    current_evaluation,
+    mark_evaluated,
+    set_aside,
+    set_aside_previous,
+    write_stage_record,
+)
 from vlmtrain.runtime import keep_freed_memory
 
 console = Console()
@@ -265,8 +271,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     last = ckpt_dir / "last.ckpt"
     if last.is_file():
         console.print(f"[bold]stage {stage.name}[/]: resuming from {last}")
-    else:  # from scratch: an earlier training's logs and evaluation describe another model
-        _set_aside_previous(stage.name, stage_dir)
+    _start_records(stage.name, stage_dir, resolved, resuming=last.is_file())
     trainer = build_trainer(cfg, stage_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
@@ -324,10 +329,15 @@ def evaluate_if_asked(cfg: DictConfig, artifact_dir: Path, stage_dir: Path) -> N
     mark_evaluated(eval_dir, artifact_dir, owner="stage", limit=cfg.stage.eval_limit)
 
 
-@rank_zero_only  # once: other ranks re-run this script after rank 0 has begun logging
-def _set_aside_previous(name: str, stage_dir: Path) -> None:
-    for old, new in set_aside_previous(stage_dir):
-        console.print(f"stage {name}: earlier training's {old.name}/ kept as {new}")
+@rank_zero_only  # once: other DDP ranks re-run this script after rank 0 began logging
+def _start_records(name: str, stage_dir: Path, resolved: dict, resuming: bool) -> None:
+    """Past every check that could refuse this invocation: a stage started from scratch
+    sets an earlier training's logs and evaluation aside (they describe another model),
+    then the stage's config and this invocation are recorded."""
+    if not resuming:
+        for old, new in set_aside_previous(stage_dir):
+            console.print(f"stage {name}: earlier training's {old.name}/ kept as {new}")
+    write_stage_record(stage_dir, resolved, resumed=resuming)
 
 
 @rank_zero_only
