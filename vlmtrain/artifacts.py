@@ -129,7 +129,11 @@ def package_versions() -> dict[str, str]:
 
 
 def save_artifact(
-    model: VisionLanguageModel, tokenizer, out_dir: Path, manifest: dict[str, Any]
+    model: VisionLanguageModel,
+    tokenizer,
+    out_dir: Path,
+    manifest: dict[str, Any],
+    image_processor=None,
 ) -> Path:
     if hasattr(model.language_model, "merge_and_unload"):
         # LoRA: later stages and exports get plain LM weights.
@@ -144,6 +148,8 @@ def save_artifact(
     model.vision_tower.config.to_json_file(tmp / "vision_config.json")
     model.language_model.config.to_json_file(tmp / "lm_config.json")
     tokenizer.save_pretrained(tmp / "tokenizer")
+    if image_processor is not None:  # its normalization, which a pretrained tower may set
+        image_processor.save_pretrained(tmp / "image_processor")
     manifest = {
         **manifest,
         # Unique per save: records of this model (its evaluation) name it, so a retrained
@@ -198,20 +204,47 @@ def load_component(module: nn.Module, name: str, artifact_dir: Path) -> None:
 
 
 def load_model(artifact_dir: Path, device: str = "cpu"):
-    """Rebuild the model an artifact was trained as, with its weights and tokenizer."""
+    """Rebuild the model an artifact was trained as, with its weights and tokenizer.
+
+    Self-contained: every component is built from the configs stored in the artifact,
+    never from the pretrained directories it started from, so an artifact can move to
+    another machine. The returned model config says so (no pretrained paths)."""
     from omegaconf import OmegaConf
+    from transformers import CONFIG_MAPPING
 
     from vlmtrain.config import ModelConfig
     from vlmtrain.model.lm import load_tokenizer
+    from vlmtrain.model.vision import vision_config_class
 
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), manifest["config"]["model"])
     model_cfg.tokenizer = str(artifact_dir / "tokenizer")
-    # The architecture comes from the recorded config (a pretrained path, if it named
-    # one, must still exist); every weight is then replaced by the artifact's.
+    configs = {}
+    for name, file in (("vision", "vision_config.json"), ("lm", "lm_config.json")):
+        if not model_cfg[name].path:
+            continue  # built from its dimensions, which the manifest records
+        stored = json.loads((artifact_dir / file).read_text())
+        cls = (
+            vision_config_class(model_cfg.vision)
+            if name == "vision"
+            else CONFIG_MAPPING[stored["model_type"]]
+        )
+        configs[name] = cls.from_dict(stored)
+        model_cfg[name].path = None
     tokenizer = load_tokenizer(model_cfg)
-    model = VisionLanguageModel.build(model_cfg, tokenizer, device=device)
+    model = VisionLanguageModel.build(model_cfg, tokenizer, device=device, configs=configs)
     for name, module in model.components().items():
         load_component(module, name, artifact_dir)
     return model.eval(), tokenizer, model_cfg
+
+
+def load_image_processor(artifact_dir: Path, model_cfg, spec):
+    """The image processor the artifact was trained with (stored in it), or the
+    tower's default for artifacts written before processors were stored."""
+    from vlmtrain.model.vision import build_image_processor, image_processor_class
+
+    stored = Path(artifact_dir) / "image_processor"
+    if stored.is_dir():
+        return image_processor_class(model_cfg.vision).from_pretrained(str(stored))
+    return build_image_processor(model_cfg.vision, spec)

@@ -106,7 +106,9 @@ def build_model(cfg: DictConfig, init: dict[str, str | Path]):
     for name, source in init.items():
         if isinstance(source, Path):
             load_component(model.components()[name], name, source)
-    return tokenizer, model
+    # from_pretrained leaves modules in eval mode and Lightning keeps the modes it finds:
+    # without this a pretrained LM or tower would train with its dropout switched off.
+    return tokenizer, model.train()
 
 
 # Tests set this to interrupt a run exactly as a pre-empted cluster job is, while the
@@ -301,6 +303,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
                 "init": {k: str(v) for k, v in init.items()},
                 "metrics": metrics,
             },
+            image_processor=build_image_processor(cfg.model.vision, model.vision_spec),
         )
     # Other ranks must not read the artifact (next stage) before rank 0 has written it.
     trainer.strategy.barrier("artifact")

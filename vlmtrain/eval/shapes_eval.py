@@ -200,8 +200,7 @@ def evaluate_artifact(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """{split: VQA result, "caption_<split>": caption result (when that file exists)}."""
-    from vlmtrain.artifacts import load_model
-    from vlmtrain.model.vision import build_image_processor
+    from vlmtrain.artifacts import load_image_processor, load_model
 
     data_root = Path(data_root)
     for split in splits:  # fail before loading the model
@@ -214,7 +213,7 @@ def evaluate_artifact(
             )
     model, tokenizer, model_cfg = load_model(Path(artifact_dir), device=device)
     model.eval()
-    processor = build_image_processor(model_cfg.vision, model.vision_spec)
+    processor = load_image_processor(artifact_dir, model_cfg, model.vision_spec)
     results: dict[str, Any] = {}
     with torch.no_grad():
         for split in splits:

@@ -7,6 +7,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -48,12 +49,20 @@ def lm_config_from_dims(cfg: LMConfig, vocab_size: int):
 
 
 def build_lm(
-    cfg: LMConfig, vocab_size: int, *, device: str | torch.device | None = None
+    cfg: LMConfig,
+    vocab_size: int,
+    *,
+    device: str | torch.device | None = None,
+    config: PretrainedConfig | None = None,
 ) -> PreTrainedModel:
     """Build (random init) or load the LM, then grow its embeddings to ``vocab_size``.
 
-    On the meta device (planning), a pretrained path contributes only its config."""
-    if cfg.path and str(device) != "meta":
+    On the meta device (planning), a pretrained path contributes only its config; with
+    ``config`` (an LM an artifact stored), that architecture is built."""
+    if config is not None:
+        with torch.device(device or "cpu"):
+            lm = AutoModelForCausalLM.from_config(config)
+    elif cfg.path and str(device) != "meta":
         lm = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True)
     else:
         config = (

@@ -106,13 +106,22 @@ def _cut(model: nn.Module, feature_layer: int) -> None:
 
 
 def build_vision_tower(
-    cfg: VisionConfig, *, device: str | torch.device | None = None
+    cfg: VisionConfig,
+    *,
+    device: str | torch.device | None = None,
+    config: PretrainedConfig | None = None,
 ) -> VisionTower:
-    """Build a tower from dimensions (random init) or load it from ``cfg.path``."""
+    """Build a tower from dimensions (random init) or load it from ``cfg.path``; with
+    ``config`` (a tower an artifact stored, already cut), build that architecture."""
     if cfg.type not in _TOWERS:
         raise ValueError(f"model.vision.type={cfg.type!r}: expected one of {sorted(_TOWERS)}")
     config_cls, model_cls, has_cls = _TOWERS[cfg.type]
     _check_stem(cfg)
+    if config is not None:
+        with torch.device(device or "cpu"):
+            model = model_cls(config)
+        _cut(model, getattr(config, CUT_ATTR, config.num_hidden_layers))
+        return VisionTower(model, has_cls)
     if cfg.path and str(device) != "meta":
         model = model_cls.from_pretrained(cfg.path, local_files_only=True)
     else:
@@ -198,6 +207,14 @@ def _check_stem(cfg: VisionConfig) -> None:
             f"model.vision.stem=conv halves the image per convolution, so "
             f"model.vision.patch_size must be a power of two >= 2, not {p}"
         )
+
+
+def vision_config_class(cfg: VisionConfig) -> type[PretrainedConfig]:
+    return _TOWERS[cfg.type][0]
+
+
+def image_processor_class(cfg: VisionConfig):
+    return SiglipImageProcessorPil if cfg.type == "siglip" else CLIPImageProcessorPil
 
 
 def build_image_processor(cfg: VisionConfig, spec: VisionSpec):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from vlmtrain.config import ModelConfig
 from vlmtrain.model.lm import build_lm
@@ -39,8 +39,11 @@ class VisionLanguageModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase | None,
         *,
         device: str | torch.device | None = None,
+        configs: dict[str, PretrainedConfig] | None = None,
     ) -> VisionLanguageModel:
-        """Without a tokenizer (planning), the vocabulary is ``lm.vocab_size`` plus the image token."""
+        """Without a tokenizer (planning), the vocabulary is ``lm.vocab_size`` plus the image
+        token. ``configs`` (vision / lm) gives a component's transformers config outright, as
+        an artifact stored it, instead of its dimensions or pretrained path."""
         if tokenizer is not None:
             vocab_size = len(tokenizer)
             image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
@@ -49,8 +52,9 @@ class VisionLanguageModel(nn.Module):
             vocab_size += 1
         else:
             raise ValueError("model.lm.vocab_size is needed to build the model without a tokenizer")
-        vision = build_vision_tower(cfg.vision, device=device)
-        lm = build_lm(cfg.lm, vocab_size, device=device)
+        configs = configs or {}
+        vision = build_vision_tower(cfg.vision, device=device, config=configs.get("vision"))
+        lm = build_lm(cfg.lm, vocab_size, device=device, config=configs.get("lm"))
         with torch.device(device or "cpu"):
             projector = build_projector(
                 cfg.projector.type,
