@@ -70,7 +70,8 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)
-    tokenizer: str = MISSING  # local tokenizer directory (with a chat template)
+    # Local tokenizer directory; by default the LM's own (model.lm.path).
+    tokenizer: str | None = None
     image_token: str = "<image>"
 
 
@@ -92,7 +93,9 @@ class DataConfig:
     # value to a typed dict from the command line (`+data.datasets.mine.train=...`);
     # `dataset_config` checks each entry against DatasetConfig before any training.
     datasets: dict[str, Any] = field(default_factory=dict)
-    # Replace the tokenizer's chat template (a Jinja string with {% generation %} blocks).
+    # The chat template: a name (chatml, llama3, vicuna_v1, mistral, gemma; see
+    # vlmtrain.data.templates) or a Jinja string with {% generation %} blocks. Unset: the
+    # tokenizer's own, or its family's named template when its own marks no assistant spans.
     chat_template: str | None = None
     num_workers: int = 0
     # Keep every encoded sample (token ids, labels, pixels) in memory after first use:

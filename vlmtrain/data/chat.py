@@ -16,15 +16,25 @@ IGNORE_INDEX = -100
 _GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
-def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+def has_generation_block(tokenizer: PreTrainedTokenizerBase) -> bool:
     template = tokenizer.chat_template
-    if not template:
-        raise ValueError("the tokenizer has no chat template; set data.chat_template")
-    if not isinstance(template, str) or not _GENERATION_BLOCK.search(template):
+    return isinstance(template, str) and bool(_GENERATION_BLOCK.search(template))
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    from vlmtrain.data.templates import TEMPLATES
+
+    names = ", ".join(TEMPLATES)
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"the tokenizer has no chat template; set data.chat_template to one of {names} "
+            "or a Jinja string with {% generation %} blocks"
+        )
+    if not has_generation_block(tokenizer):
         raise ValueError(
             "the tokenizer's chat template has no {% generation %} block around assistant "
             "messages, so assistant-only loss masks cannot be derived from it; set "
-            "data.chat_template to a template that marks them"
+            f"data.chat_template to one of {names} or a Jinja string that marks them"
         )
 
 

@@ -13,27 +13,13 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vlmtrain.data.templates import CHATML
+
 SPECIAL_TOKENS: list[str] = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
-# ChatML. The {% generation %} block marks exactly the tokens the model must learn to
-# produce (assistant content + its end-of-turn), which transformers turns into the
-# assistant mask when return_assistant_tokens_mask=True.
-CHAT_TEMPLATE: str = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{%- generation -%}"
-    "{{ message['content'] + '<|im_end|>' }}"
-    "{%- endgeneration -%}"
-    "{{ '\\n' }}"
-    "{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{%- endif -%}"
-)
+# ChatML (vlmtrain.data.templates): its {% generation %} block marks exactly the tokens
+# the model must learn to produce (assistant content + its end-of-turn).
+CHAT_TEMPLATE: str = CHATML
 
 MODEL_MAX_LENGTH = 4096
 
