@@ -18,7 +18,14 @@ from omegaconf import DictConfig
 from vlmtrain.config import register_configs
 from vlmtrain.sweep import register_resolvers
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+def conf_dir() -> str:
+    """The config tree: inside the package in an installed wheel, else the checkout's."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf")
+
+
+CONF_DIR = conf_dir()
 
 register_configs()
 register_resolvers()
