@@ -100,3 +100,38 @@ def test_pretrained_modules_train_and_their_artifact_is_self_contained(
         == 0
     )
     assert json.loads((out / "eval.json").read_text())["test"]["overall"]["n"] == 2
+
+
+def test_lora_adapter_is_saved_on_its_own_beside_the_merged_weights(
+    compose, tokenizer_dir, tmp_path
+):
+    import copy
+
+    from omegaconf import OmegaConf
+    from peft import PeftModel
+
+    from vlmtrain.artifacts import LORA_ADAPTER, save_artifact
+    from vlmtrain.model.freezing import apply_trainable
+
+    cfg = compose("stage=sft", "stage.lora.enabled=true")
+    tok, model = build_model(cfg, resolve_init(cfg.stage, cfg.model, tmp_path))
+    base = copy.deepcopy(model.language_model)
+    apply_trainable(model, cfg.stage.trainable, cfg.stage.lora)
+    with torch.no_grad():  # a trained adapter: lora_B starts at zero
+        for name, p in model.language_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    artifact = save_artifact(
+        model, tok, tmp_path / "artifact", {"config": OmegaConf.to_container(cfg, resolve=True)}
+    )
+    adapter = PeftModel.from_pretrained(base, artifact / LORA_ADAPTER).eval()
+    merged, _, _ = load_model(artifact)
+    ids = torch.tensor([tok("a red circle and a blue square")["input_ids"]])
+    with torch.no_grad():
+        want = merged.language_model(input_ids=ids).logits
+        got = adapter(input_ids=ids).logits
+        plain = (
+            base.get_base_model()(input_ids=ids).logits if hasattr(base, "get_base_model") else None
+        )
+    assert torch.allclose(got, want, atol=1e-5)
+    assert plain is None or not torch.allclose(plain, want, atol=1e-3)

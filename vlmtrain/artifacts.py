@@ -32,6 +32,7 @@ from torch import nn
 from vlmtrain.model.vlm import VisionLanguageModel
 
 MANIFEST = "manifest.json"
+LORA_ADAPTER = "lora_adapter"
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
@@ -135,13 +136,15 @@ def save_artifact(
     manifest: dict[str, Any],
     image_processor=None,
 ) -> Path:
-    if hasattr(model.language_model, "merge_and_unload"):
-        # LoRA: later stages and exports get plain LM weights.
-        model.language_model = model.language_model.merge_and_unload()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if hasattr(model.language_model, "merge_and_unload"):
+        # LoRA: the adapter on its own (peft's format, loadable onto the base LM with
+        # PeftModel.from_pretrained), then merged: later stages and exports get plain weights.
+        model.language_model.save_pretrained(tmp / LORA_ADAPTER)
+        model.language_model = model.language_model.merge_and_unload()
     for name, module in model.components().items():
         # save_model de-duplicates tied tensors (e.g. tied LM embeddings), which save_file rejects.
         save_model(module, str(tmp / f"{name}.safetensors"))
