@@ -1,12 +1,18 @@
 """The ``vlmtrain`` command.
 
 ``vlmtrain [hydra overrides]`` trains (Hydra app: ``--cfg job``, ``-m`` and all
-overrides work); ``vlmtrain generate-shapes ...`` writes the shapes data set.
+overrides work); ``vlmtrain SUBCOMMAND ...`` runs one of ``SUBCOMMANDS``. vlmtrain's
+own errors (a bad config value, a missing file, a refused resume) print as one message
+without a traceback and exit 1; ``HYDRA_FULL_ERROR=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -54,23 +60,121 @@ def train_main(cfg: DictConfig) -> None:
 
     _quiet_lightning()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.plan:
-        from vlmtrain.plan import plan_recipe
+    with _also_to_log(run_dir / f"{HydraConfig.get().job.name}.log"), _one_line_errors():
+        if cfg.plan:
+            from vlmtrain.plan import plan_recipe
 
-        plan_recipe(cfg, run_dir)
-        return
-    run_recipe(cfg, run_dir)
+            plan_recipe(cfg, run_dir)
+            return
+        run_recipe(cfg, run_dir)
 
 
-SUBCOMMANDS = {"generate-shapes": "vlmtrain.data.shapes", "eval": "vlmtrain.eval.cli"}
+# Errors whose message is the whole story: vlmtrain raises them with the key, file or
+# sample involved and what to do. Anything else keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError, KeyError)
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    try:
+        yield
+    except USER_ERRORS as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        logging.getLogger("vlmtrain").debug("traceback", exc_info=True)  # the run's log file
+        print(f"vlmtrain: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+class _Tee(io.TextIOBase):
+    """stdout that also appends to the run's log file (without terminal colour codes)."""
+
+    _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(self._ANSI.sub("", text))
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self):
+        return self.stream.encoding
+
+
+@contextlib.contextmanager
+def _also_to_log(path: Path):
+    """vlmtrain's console messages (stage tables, summaries) go to the run's log file too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as log:
+        original = sys.stdout
+        sys.stdout = _Tee(original, log)
+        try:
+            yield
+        finally:
+            sys.stdout = original
+
+
+# name -> (module with main(argv), one line for --help)
+SUBCOMMANDS = {
+    "eval": ("vlmtrain.eval.cli", "score an artifact on held-out splits (eval.json, eval.md)"),
+    "generate-shapes": ("vlmtrain.data.shapes", "write the shapes data set"),
+}
+
+USAGE = """usage: vlmtrain [OVERRIDES]              train a recipe (recipe=tiny) or one stage (stage=sft)
+       vlmtrain -m [OVERRIDES]           sweep: key=a,b runs one job per value
+       vlmtrain [OVERRIDES] plan=true    print the plan (stages, parameters, tokens, memory)
+       vlmtrain [OVERRIDES] debug=smoke  every stage capped to a few steps, in runs/smoke
+       vlmtrain [OVERRIDES] --cfg job    print the composed config
+       vlmtrain SUBCOMMAND --help        a subcommand's options
+
+subcommands:
+{subcommands}
+
+Re-running the same command resumes the run; see README.md. Config groups and the
+full config follow (Hydra's help).
+"""
+
+
+def _recipe_stage_clash(args: list[str]) -> str | None:
+    """``stage.x=...`` with ``recipe=...`` would fail deep in OmegaConf: say why instead."""
+    recipe = next((a.split("=", 1)[1] for a in args if a.startswith("recipe=")), None)
+    stage_keys = [a for a in args if a.lstrip("+~").startswith("stage.")]
+    if recipe and recipe != "null" and stage_keys:
+        key = stage_keys[0].lstrip("+~")
+        return (
+            f"{stage_keys[0]}: `stage.` sets the single stage of `stage=<name>` runs, but "
+            f"recipe={recipe} runs named stages: write stages.<name>.{key[len('stage.') :]} "
+            f"(`vlmtrain recipe={recipe} --cfg job` lists the stages)"
+        )
+    return None
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+    args = sys.argv[1:]
+    if args and args[0] in SUBCOMMANDS:
         import importlib
 
-        name = sys.argv[1]
-        sys.exit(importlib.import_module(SUBCOMMANDS[name]).main(sys.argv[2:]))
+        module, _ = SUBCOMMANDS[args[0]]
+        sys.exit(importlib.import_module(module).main(args[1:]))
+    if args and args[0] in ("-h", "--help"):
+        width = max(map(len, SUBCOMMANDS))
+        lines = [f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
+        print(USAGE.format(subcommands="\n".join(lines)))
+    elif clash := _recipe_stage_clash(args):
+        print(f"vlmtrain: error: {clash}", file=sys.stderr)
+        sys.exit(2)
     train_main()
 
 

@@ -219,6 +219,9 @@ class VLMTrainConfig:
     stages: dict[str, StageConfig] = field(default_factory=dict)
     # Print the plan (stages, parameters, tokens, memory) without training.
     plan: bool = False
+    # debug=smoke: cap every stage at this many optimizer steps (and its evaluation at a
+    # few samples per split), for a quick end-to-end check of a recipe.
+    smoke_steps: int | None = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 

@@ -64,7 +64,14 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig) -> DictConfig:
         out.stage = stage
         out.stage.name = name
         out.stage.accumulate = accumulation(out)
+        if cfg.smoke_steps:
+            out.stage.max_steps = min(out.stage.max_steps, cfg.smoke_steps)
+            out.stage.eval_limit = min(out.stage.eval_limit or SMOKE_EVAL, SMOKE_EVAL)
+            out.stage.val_batches = min(out.stage.val_batches, 1)
     return out
+
+
+SMOKE_EVAL = 8  # samples per evaluation split under debug=smoke
 
 
 def accumulation(cfg: DictConfig) -> int:
