@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,21 +17,30 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from vlmtrain.artifacts import (
+    artifact_problems,
     config_hash,
     load_component,
     read_manifest,
     same_stage,
     save_artifact,
 )
+from vlmtrain.checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointRecord,
+    check_compatible,
+    checkpoint_callback,
+    choose_checkpoint,
+)
 from vlmtrain.config import COMPONENTS, schema_defaults
 from vlmtrain.data.chat import check_chat_template
 from vlmtrain.data.encode import SampleEncoder
+from vlmtrain.data.fingerprint import data_fingerprints
 from vlmtrain.data.images import ImageProcessor
 from vlmtrain.data.module import StageDataModule
 from vlmtrain.loggers import build_logger
@@ -140,16 +150,16 @@ class StageClock(Callback):
         self.before = state["elapsed_s"]
 
 
-def build_trainer(cfg: DictConfig, stage_dir: Path) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, stage_dir: Path, record: CheckpointRecord | None = None
+) -> L.Trainer:
     stage = cfg.stage
     callbacks: list[Callback] = [
         StageClock(),
-        ModelCheckpoint(
-            dirpath=stage_dir / "checkpoints",
-            every_n_train_steps=cfg.trainer.checkpoint_every,
-            save_last=True,
-            save_top_k=0,
+        checkpoint_callback(
+            stage_dir / "checkpoints", cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints
         ),
+        *([record] if record is not None else []),
     ]
     if cfg.trainer.progress_bar:
         callbacks.append(RichProgressBar())
@@ -174,6 +184,7 @@ def build_trainer(cfg: DictConfig, stage_dir: Path) -> L.Trainer:
         enable_model_summary=False,
         deterministic=cfg.trainer.deterministic,
         default_root_dir=stage_dir,
+        plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the datamodule shards by rank itself
     )
 
@@ -197,10 +208,17 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     artifact_dir = stage_dir / "artifact"
     resolved = OmegaConf.to_container(cfg, resolve=True)
     init = resolve_init(stage, cfg.model, run_dir)
-    # A stage is "the same" when its config and the artifacts it starts from are.
+    prepare_data(cfg)
+    # A stage is "the same" when its config, the artifacts it starts from and its data are.
     sources = {k: read_manifest(v)["config_hash"] for k, v in init.items() if isinstance(v, Path)}
-    hashed = {**{k: resolved[k] for k in ("model", "data", "stage", "seed")}, "sources": sources}
+    hashed = {
+        **{k: resolved[k] for k in ("model", "data", "stage", "seed")},
+        "sources": sources,
+        "data_files": data_fingerprints(cfg.data, stage),
+    }
     digest = config_hash(hashed)
+    if artifact_dir.exists() and (problems := artifact_problems(artifact_dir)):
+        _set_aside_damaged_artifact(artifact_dir, problems)
     if (artifact_dir / "manifest.json").is_file():
         same, why = same_stage(read_manifest(artifact_dir), hashed, schema_defaults())
         if not same:
@@ -208,15 +226,15 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
                 f"\n  ... {len(why) - 12} more" if len(why) > 12 else ""
             )
             raise RuntimeError(
-                f"stage {stage.name!r} already finished in {stage_dir} with a different config "
-                f"or different source artifacts; what changed:\n  {shown}\n"
+                f"stage {stage.name!r} already finished in {stage_dir} with a different config, "
+                f"source artifacts or data; what changed:\n  {shown}\n"
                 f"Use another run_name, or delete {artifact_dir} (and {stage_dir / 'checkpoints'}) "
                 "to train it again."
             )
         console.print(f"[bold]stage {stage.name}[/] already finished: {artifact_dir}")
         if why:
             console.print(
-                "  its config lacked keys added since, at their defaults: " + "; ".join(why)
+                "  not compared, as older vlmtrain did not record them: " + "; ".join(why)
             )
         evaluate_if_asked(cfg, artifact_dir, stage_dir)
         return artifact_dir
@@ -226,7 +244,6 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
         torch.set_num_threads(cfg.trainer.num_threads)
     if cfg.trainer.keep_freed_memory:
         keep_freed_memory()
-    prepare_data(cfg)
     tokenizer, model = build_model(cfg, init)
     apply_trainable(model, stage.trainable, stage.lora)
     if cfg.trainer.activation_checkpointing:
@@ -236,12 +253,9 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     datamodule = StageDataModule(cfg.data, stage, make_encoder(cfg, model, tokenizer), cfg.seed)
     module = OBJECTIVES[stage.objective](model, stage)
 
-    trainer = build_trainer(cfg, stage_dir)
-    ckpt_dir = stage_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    if last.is_file():
-        console.print(f"[bold]stage {stage.name}[/]: resuming from {last}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    trainer = build_trainer(cfg, stage_dir, CheckpointRecord(hashed, digest))
+    resume = _resume_checkpoint(trainer, module, hashed, stage_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     (clock,) = (c for c in trainer.callbacks if isinstance(c, StageClock))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -263,6 +277,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
                 "objective": stage.objective,
                 "config_hash": digest,
                 "config": resolved,
+                "data_files": hashed["data_files"],
                 "init": {k: str(v) for k, v in init.items()},
                 "metrics": metrics,
             },
@@ -274,12 +289,53 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     return artifact_dir
 
 
+def _resume_checkpoint(trainer: L.Trainer, module, hashed: dict, stage_dir: Path) -> str | None:
+    """The checkpoint to resume from (see vlmtrain.checkpoints), checked against this run."""
+    say = rank_zero_only(lambda msg: console.print(f"[bold]stage {stage_dir.name}[/]: {msg}"))
+    chosen = choose_checkpoint(stage_dir / "checkpoints", say)
+    if chosen is None:
+        return None
+    path, contents = chosen
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+    def config_diff(record: dict) -> list[str]:
+        old = {"config_hash": record["config_hash"], **record["identity"]}
+        old["config"] = record["identity"]
+        same, why = same_stage(old, hashed, schema_defaults())
+        return [] if same else why
+
+    notes = check_compatible(path, contents, trainer.world_size, shapes, config_diff, stage_dir)
+    for note in notes:
+        say(note)
+    say(f"resuming from {path}")
+    return str(path)
+
+
+def _set_aside_damaged_artifact(artifact_dir: Path, problems: list[str]) -> None:
+    """A finished stage whose artifact does not read back is not finished: keep the damaged
+    one for inspection and train the stage again (from its newest checkpoint)."""
+    aside = artifact_dir.with_name("artifact.damaged")
+    if rank_zero_only.rank == 0:
+        shutil.rmtree(aside, ignore_errors=True)
+        artifact_dir.rename(aside)
+    console.print(
+        f"[bold]stage {artifact_dir.parent.name}[/]: its artifact {artifact_dir} is damaged:\n  "
+        + "\n  ".join(problems)
+        + f"\n  set aside as {aside.name}; the stage is trained again from its newest checkpoint"
+    )
+
+
 @rank_zero_only
 def evaluate_if_asked(cfg: DictConfig, artifact_dir: Path, stage_dir: Path) -> None:
-    """Evaluate the stage's artifact on its eval splits, once (results are kept)."""
-    if not cfg.stage.eval_splits or (stage_dir / "eval" / "eval.json").is_file():
+    """Evaluate the stage's artifact on its eval splits, once (results are kept); a missing
+    or damaged report is written again."""
+    from vlmtrain.eval import evaluate_artifact, read_report, write_report
+
+    if not cfg.stage.eval_splits:
         return
-    from vlmtrain.eval import evaluate_artifact, write_report
+    report = read_report(stage_dir / "eval")
+    if report is not None:
+        return
 
     results = evaluate_artifact(
         artifact_dir, cfg.data.root, splits=tuple(cfg.stage.eval_splits), limit=cfg.stage.eval_limit
