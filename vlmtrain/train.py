@@ -41,8 +41,9 @@ from vlmtrain.config import COMPONENTS, schema_defaults
 from vlmtrain.data.chat import check_chat_template
 from vlmtrain.data.encode import SampleEncoder
 from vlmtrain.data.fingerprint import data_fingerprints
-from vlmtrain.data.images import ImageProcessor
+from vlmtrain.data.images import ImageLimits, ImageProcessor
 from vlmtrain.data.module import StageDataModule
+from vlmtrain.data.quality import DataQuality
 from vlmtrain.loggers import build_logger
 from vlmtrain.model.freezing import apply_trainable, parameter_table
 from vlmtrain.model.lm import load_tokenizer
@@ -160,6 +161,9 @@ def build_trainer(
             stage_dir / "checkpoints", cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints
         ),
         *([record] if record is not None else []),
+        DataQuality(
+            [n for n, w in stage.mixture.items() if w > 0], cfg.data.max_skipped, stage.max_length
+        ),
     ]
     if cfg.trainer.progress_bar:
         callbacks.append(RichProgressBar())
@@ -197,6 +201,7 @@ def make_encoder(cfg: DictConfig, model: VisionLanguageModel, tokenizer) -> Samp
         spec.patch_size,
         cfg.data.root,
         model.token_downsample,
+        ImageLimits.from_config(cfg.data),
     )
     return SampleEncoder(tokenizer, images, cfg.model.image_token, cfg.stage.max_length)
 
@@ -257,6 +262,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     resume = _resume_checkpoint(trainer, module, hashed, stage_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     (clock,) = (c for c in trainer.callbacks if isinstance(c, StageClock))
+    (quality,) = (c for c in trainer.callbacks if isinstance(c, DataQuality))
+    data_totals = quality.totals(trainer.strategy)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(
@@ -264,6 +271,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
         tokens_seen=module.tokens_seen,
         wall_time_s=clock.elapsed(),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **quality.metrics(data_totals),
     )
     if torch.cuda.is_available():
         metrics["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -278,13 +286,14 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
                 "config_hash": digest,
                 "config": resolved,
                 "data_files": hashed["data_files"],
+                "skipped_samples": quality.skipped,
                 "init": {k: str(v) for k, v in init.items()},
                 "metrics": metrics,
             },
         )
     # Other ranks must not read the artifact (next stage) before rank 0 has written it.
     trainer.strategy.barrier("artifact")
-    _print_end(stage, metrics, artifact_dir, stage_dir)
+    _print_end(stage, metrics, artifact_dir, stage_dir, quality.report(data_totals))
     evaluate_if_asked(cfg, artifact_dir, stage_dir)
     return artifact_dir
 
@@ -352,7 +361,11 @@ def _print_start(stage: DictConfig, model: VisionLanguageModel, init: dict[str, 
 
 @rank_zero_only
 def _print_end(
-    stage: DictConfig, metrics: dict[str, float], artifact_dir: Path, stage_dir: Path
+    stage: DictConfig,
+    metrics: dict[str, float],
+    artifact_dir: Path,
+    stage_dir: Path,
+    data_report: list[str],
 ) -> None:
     loss = metrics.get("train/loss")
     console.print(
@@ -360,3 +373,5 @@ def _print_end(
         + (f", final loss {loss:.4f}" if loss is not None else "")
         + f", peak RSS {metrics['peak_rss_mb']:.0f} MB\n  artifact: {artifact_dir}\n  logs: {stage_dir / 'logs'}"
     )
+    for line in data_report:
+        console.print(f"  data {line}")
