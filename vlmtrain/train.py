@@ -238,9 +238,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
             )
         console.print(f"[bold]stage {stage.name}[/] already finished: {artifact_dir}")
         if why:
-            console.print(
-                "  not compared, as older vlmtrain did not record them: " + "; ".join(why)
-            )
+            console.print("  finished by an older vlmtrain; taken as unchanged: " + "; ".join(why))
         evaluate_if_asked(cfg, artifact_dir, stage_dir)
         return artifact_dir
 
