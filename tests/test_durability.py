@@ -218,9 +218,8 @@ def test_unusable_checkpoint_is_an_error_saying_what_to_do(
     assert not (run / "sft" / "artifact").exists()
 
 
-def test_edited_data_makes_a_finished_stage_stale(shapes_root, tmp_path):
-    """A finished stage is reused only with the data it was trained on: an edited record or
-    a replaced image is named, and the stage is not reported finished."""
+def _finished_on_own_data(shapes_root: Path, tmp_path: Path) -> tuple[list[str], Path]:
+    """A finished align stage trained on a copy of the shapes data; (its args, data root)."""
     root = tmp_path / "data"
     shutil.copytree(shapes_root, root, ignore=shutil.ignore_patterns("tokenizer"))
     args = [
@@ -232,9 +231,15 @@ def test_edited_data_makes_a_finished_stage_stale(shapes_root, tmp_path):
         "run_name=stale",
     ]
     vlmtrain(args, cwd=tmp_path)
+    return args, root
+
+
+def test_edited_data_makes_a_finished_stage_stale(shapes_root, tmp_path):
+    """A finished stage is reused only with the data it was trained on: an edited record
+    is named, and the stage is not reported finished."""
+    args, root = _finished_on_own_data(shapes_root, tmp_path)
     captions = root / "caption_train.json"
-    original = captions.read_text()
-    records = json.loads(original)
+    records = json.loads(captions.read_text())
     records[0]["conversations"][1]["value"] = "a large red square."
     captions.write_text(json.dumps(records))
     edited = vlmtrain(args, cwd=tmp_path, check=False)
@@ -242,26 +247,26 @@ def test_edited_data_makes_a_finished_stage_stale(shapes_root, tmp_path):
     assert edited.returncode != 0 and "already finished" in text
     assert f"data file {captions} (caption.train) changed since the stage ran" in text
 
-    captions.write_text(original)  # the same bytes again: the stage is finished
+
+@pytest.mark.slow
+def test_replaced_image_makes_a_finished_stage_stale(shapes_root, tmp_path):
+    """The same bytes again is the same data (mtime alone does not count for data files);
+    a replaced image is named through the data file that names it."""
+    args, root = _finished_on_own_data(shapes_root, tmp_path)
+    captions = root / "caption_train.json"
+    records = json.loads(captions.read_text())
+    captions.write_text(captions.read_text())  # new mtime, same content
     assert "already finished" in said(vlmtrain(args, cwd=tmp_path))
-    image = root / records[1]["image"]
-    Image.new("RGB", (64, 64), (1, 2, 3)).save(image)
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(root / records[1]["image"])
     replaced = vlmtrain(args, cwd=tmp_path, check=False)
     assert replaced.returncode != 0
     assert f"images named by {captions} (caption.train) changed" in said(replaced)
 
 
-def test_damaged_artifact_is_trained_again_and_damaged_reports_rewritten(shapes_root, tmp_path):
+def test_damaged_artifact_is_trained_again(shapes_root, tmp_path):
     """A truncated weight file: the artifact is not taken as finished but set aside, and the
-    stage finishes again from its newest checkpoint with the same weights. A truncated
-    eval.json and summary.json are written again, not a crash."""
-    args = [
-        *base_args(shapes_root, tmp_path),
-        *STAGE,
-        "run_name=art",
-        "stage.eval_splits=[test]",
-        "stage.eval_limit=4",
-    ]
+    stage finishes again from its newest checkpoint with the same weights."""
+    args = [*base_args(shapes_root, tmp_path), *STAGE, "run_name=art"]
     vlmtrain(args, cwd=tmp_path)
     stage_dir = tmp_path / "art" / "sft"
     before = weights(stage_dir / "artifact")
@@ -276,6 +281,20 @@ def test_damaged_artifact_is_trained_again_and_damaged_reports_rewritten(shapes_
     after = weights(stage_dir / "artifact")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
+
+@pytest.mark.slow
+def test_damaged_reports_are_written_again(shapes_root, tmp_path):
+    """A truncated eval.json (an older, non-atomic write cut short) and summary.json are
+    written again when the command is run again, not a crash on every re-run."""
+    args = [
+        *base_args(shapes_root, tmp_path),
+        *STAGE,
+        "run_name=art",
+        "stage.eval_splits=[test]",
+        "stage.eval_limit=4",
+    ]
+    vlmtrain(args, cwd=tmp_path)
+    stage_dir = tmp_path / "art" / "sft"
     report = stage_dir / "eval" / "eval.json"
     summary = tmp_path / "art" / "summary.json"
     results = json.loads(report.read_text())
@@ -291,3 +310,17 @@ def test_damaged_artifact_is_trained_again_and_damaged_reports_rewritten(shapes_
     assert (
         json.loads(summary.read_text())[0]["eval"]["test"] == results["test"]["overall"]["accuracy"]
     )
+
+
+def test_read_report_takes_a_damaged_report_for_missing(tmp_path):
+    from vlmtrain.eval import read_report, write_report
+
+    results = {"test": {"overall": {"accuracy": 0.5, "n": 2}, "per_type": {}}}
+    write_report(results, tmp_path)
+    assert read_report(tmp_path) == results
+    assert not list(tmp_path.glob(".*"))  # no partial file left beside the reports
+    (tmp_path / "eval.json").write_text('{"test": {"overall"')
+    assert read_report(tmp_path) is None
+    write_report(results, tmp_path)
+    (tmp_path / "eval.md").unlink()
+    assert read_report(tmp_path) is None
