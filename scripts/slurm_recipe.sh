@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A SLURM job that trains a recipe and survives pre-emption: requeue re-runs the same
 # command, which skips finished stages and resumes the interrupted one from its last
-# checkpoint (runs/<run_name>/<stage>/checkpoints/last.ckpt).
+# checkpoint (runs/<run_name>/<stage>/checkpoints/step-*.ckpt).
 #
 #   sbatch scripts/slurm_recipe.sh recipe=llava15 run_name=l15 model.vision.path=... ...
 #

@@ -101,8 +101,8 @@ def test_kill_and_rerun_resumes_exactly(shapes_root, tmp_path):
     )
     assert killed.returncode != 0, "the kill hook did not fire"
     stage_dir = tmp_path / "killed" / "sft"
-    last = stage_dir / "checkpoints" / "last.ckpt"
-    assert last.is_file()
+    last = stage_dir / "checkpoints" / "step-0000003.ckpt"
+    assert sorted(p.name for p in last.parent.iterdir()) == [last.name]
     assert not (stage_dir / "artifact").exists()
     # The stage's wall time continues from the checkpoint's: make that time unmistakable.
     ckpt = torch.load(last, weights_only=True)
@@ -129,18 +129,22 @@ def test_kill_and_rerun_resumes_exactly(shapes_root, tmp_path):
 
 def test_stage_finished_before_a_schema_field_existed_is_reused(shapes_root, tmp_path):
     """A manifest written before ``stage.loss_reduction`` existed (the key absent from its
-    config and its hash) still matches when the field is at its default, and only then."""
+    config and its hash) and before data fingerprints were recorded still matches when the
+    field is at its default, and only then."""
     args = [*base_args(shapes_root, tmp_path), "stage=sft", "stage.max_steps=2", "run_name=old"]
     vlmtrain(args, cwd=tmp_path)
     path = tmp_path / "old" / "sft" / "artifact" / "manifest.json"
     manifest = json.loads(path.read_text())
     del manifest["config"]["stage"]["loss_reduction"]
+    del manifest["data_files"]
     hashed = {k: manifest["config"][k] for k in ("model", "data", "stage", "seed")}
     manifest["config_hash"] = config_hash({**hashed, "sources": {}})  # as the old code hashed
     path.write_text(json.dumps(manifest))
 
     again = vlmtrain(args, cwd=tmp_path)
     assert "already finished" in again.stdout and "stage.loss_reduction" in again.stdout
+    said = " ".join(again.stdout.split())  # rich wraps long lines
+    assert "its data files (finished before data fingerprints were recorded" in said
     square = vlmtrain([*args, "stage.loss_reduction=square"], cwd=tmp_path, check=False)
     assert square.returncode != 0
     assert "stage.loss_reduction: '<absent>' -> 'square'" in square.stderr

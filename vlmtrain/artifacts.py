@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -29,6 +30,9 @@ from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model
 from torch import nn
 
+from vlmtrain.config import COMPONENTS
+from vlmtrain.data.fingerprint import describe_changes as describe_data_changes
+from vlmtrain.durable import DamagedFileError, atomic_write_json, fsync_dir, read_json
 from vlmtrain.model.vlm import VisionLanguageModel
 
 MANIFEST = "manifest.json"
@@ -75,7 +79,14 @@ def same_stage(
     """
     if manifest.get("config_hash") == config_hash(hashed):
         return True, []
+    if "data_files" in hashed and "data_files" not in manifest:
+        # Finished by a vlmtrain that did not fingerprint data: its hash covers the rest.
+        hashed = {k: v for k, v in hashed.items() if k != "data_files"}
+        same, why = same_stage(manifest, hashed, defaults)
+        note = "its data files (finished before data fingerprints were recorded; not checked)"
+        return same, [*why, note] if same else why
     current = _as_json(hashed)
+    data_files = current.pop("data_files", None)
     sections = {k: v for k, v in current.items() if k != "sources"}
     stored = {k: manifest.get("config", {}).get(k, ABSENT) for k in sections}
     changes = config_changes(stored, sections)
@@ -87,13 +98,15 @@ def same_stage(
             for part in parents:
                 node = node[part]
             del node[leaf]
+        if data_files is not None:
+            current["data_files"] = data_files
         if manifest.get("config_hash") == config_hash(current):
             return True, [
                 f"{key} (new since the stage ran; default {new!r})" for key, _, new in added
             ]
-    if not changes:
-        return False, ["the source artifacts it starts from (stage.init) were retrained"]
-    return False, [f"{key}: {old!r} -> {new!r}" for key, old, new in changes]
+    lines = [f"{key}: {old!r} -> {new!r}" for key, old, new in changes]
+    lines += describe_data_changes(manifest.get("data_files"), data_files)
+    return False, lines or ["the source artifacts it starts from (stage.init) were retrained"]
 
 
 def _lookup(tree: Any, key: str) -> Any:
@@ -153,18 +166,28 @@ def save_artifact(
     tokenizer.save_pretrained(tmp / "tokenizer")
     if image_processor is not None:  # its normalization, which a pretrained tower may set
         image_processor.save_pretrained(tmp / "image_processor")
+    weights = {
+        f"{name}.safetensors": (tmp / f"{name}.safetensors").stat().st_size
+        for name in model.components()
+    }
     manifest = {
         **manifest,
         # Unique per save: records of this model (its evaluation) name it, so a retrained
         # stage's new artifact never inherits the old one's (see vlmtrain.records).
         "artifact_id": uuid.uuid4().hex,
+        "files": weights,  # sizes, so a truncated copy is told from a whole one
         "versions": package_versions(),
         "code_version": code_version(),
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    atomic_write_json(tmp / MANIFEST, manifest)
+    for path in tmp.rglob("*"):  # on disk before the rename publishes them
+        if path.is_file():
+            with path.open("rb+") as f:
+                os.fsync(f.fileno())
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+    fsync_dir(out_dir.parent)
     return out_dir
 
 
@@ -172,7 +195,36 @@ def read_manifest(artifact_dir: Path) -> dict[str, Any]:
     path = Path(artifact_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{str(artifact_dir)!r} is not a vlmtrain artifact (no {MANIFEST})")
-    return json.loads(path.read_text())
+    manifest = read_json(path, "the artifact's manifest")
+    if not isinstance(manifest, dict):
+        raise DamagedFileError(path, "the artifact's manifest is damaged (not a JSON object)")
+    return manifest
+
+
+def artifact_problems(artifact_dir: Path) -> list[str]:
+    """Why a finished stage's artifact cannot be used (empty when it can): a damaged
+    manifest, a missing component, a weight file truncated or with a damaged header.
+    Cheap: sizes and safetensors headers, no tensor read."""
+    try:
+        manifest = read_manifest(artifact_dir)
+    except (DamagedFileError, FileNotFoundError) as e:
+        return [str(e)]
+    sizes = manifest.get("files") or {f"{c}.safetensors": None for c in COMPONENTS}
+    problems = []
+    for name, size in sizes.items():
+        path = Path(artifact_dir) / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+            continue
+        if size is not None and path.stat().st_size != size:
+            problems.append(f"{path} is {path.stat().st_size} bytes; the manifest says {size}")
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error type for a bad header
+            problems.append(f"{path} does not read back ({e})")
+    return problems
 
 
 def load_component(module: nn.Module, name: str, artifact_dir: Path) -> None:

@@ -43,6 +43,7 @@ for pattern in (
     ".*pre-optimization state.*",
     ".*litlogger.*",
     ".*Experiment logs directory.*",
+    ".*Checkpoint directory .* exists and is not empty.*",  # a resumed stage's, by design
 ):
     warnings.filterwarnings("ignore", message=pattern)
 

@@ -101,6 +101,17 @@ class DataConfig:
     # Keep every encoded sample (token ids, labels, pixels) in memory after first use:
     # for datasets that fit in RAM and are seen for many epochs (the tiny recipe).
     cache_encoded: bool = False
+    # Part of a stage's identity: each data file's size and hash, and, when this is on,
+    # each image's size and modification time (a stat per image; turn off for millions
+    # of images on a slow shared file system).
+    fingerprint_images: bool = True
+    # Images beyond these limits are bad input (decompression bombs, banners, strips).
+    max_image_pixels: int = 89_478_485  # PIL's own warning threshold
+    max_aspect_ratio: float = 20.0
+    # Image paths must stay inside ``root`` (no "..", no absolute paths) unless this is on.
+    images_outside_root: bool = False
+    # Samples with bad input a stage may skip (counted, reported, in the manifest); 0: none.
+    max_skipped: int = 0
 
 
 # ----------------------------------------------------------------------------- stage
@@ -187,6 +198,8 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     checkpoint_every: int = 50  # optimizer steps between checkpoints
+    # Newest checkpoints kept; a resume falls back to an older one when the newest is damaged.
+    keep_checkpoints: int = 2
     log_every: int = 1
     num_threads: int | None = None  # torch intra-op threads (CPU); None leaves torch's default
     # glibc keeps freed memory for reuse (see runtime.keep_freed_memory): fewer page faults.

@@ -34,9 +34,11 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
-def build_logger(cfg: DictConfig, stage_dir: Path) -> list[Logger]:
+def build_logger(cfg: DictConfig, stage_dir: Path, *, fresh_start: bool = False) -> list[Logger]:
     """The chosen logger, after a CSV logger that every stage keeps whatever the choice:
-    summaries and the loss-curve plot read it, so they work with any logger."""
+    summaries and the loss-curve plot read it, so they work with any logger. With
+    ``fresh_start`` the stage trains from scratch (an earlier training's logs are about
+    to be set aside, see vlmtrain.records): a new run for loggers that keep runs."""
     kind = cfg.logger.type
     # A fixed version directory: a resumed stage appends to the same metrics.csv.
     # Flushed every step: a killed job loses no logged row.
@@ -53,7 +55,7 @@ def build_logger(cfg: DictConfig, stage_dir: Path) -> list[Logger]:
     if kind == "wandb":
         # The id comes from the stage directory and its training (a stage restarted from
         # scratch is a new run), so a resumed stage continues the same wandb run.
-        training = trainings_set_aside(stage_dir)
+        training = trainings_set_aside(stage_dir) + (fresh_start and (stage_dir / "logs").exists())
         key = f"{stage_dir.resolve()}#{training}" if training else str(stage_dir.resolve())
         run_id = hashlib.sha1(key.encode()).hexdigest()[:12]
         wandb = WandbLogger(

@@ -8,7 +8,6 @@ the interrupted one from its last checkpoint.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,10 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
+from vlmtrain.artifacts import read_manifest
 from vlmtrain.config import COMPONENTS
+from vlmtrain.durable import atomic_write, atomic_write_json
+from vlmtrain.eval.report import read_report
 from vlmtrain.records import current_evaluation
 
 console = Console()
@@ -104,7 +106,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _stage_row(name: str, stage_dir: Path, artifact: Path) -> dict[str, Any]:
-    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest = read_manifest(artifact)
     metrics = manifest.get("metrics", {})
     row = {
         "stage": name,
@@ -115,9 +117,10 @@ def _stage_row(name: str, stage_dir: Path, artifact: Path) -> dict[str, Any]:
         "val_loss": metrics.get("val/loss"),
         "artifact": str(artifact),
     }
-    eval_path = current_evaluation(stage_dir / "eval", artifact)  # never an older model's
-    if eval_path is not None:
-        results = json.loads(eval_path.read_text())
+    # Only an evaluation of this very artifact, never an earlier model's of this stage.
+    current = current_evaluation(stage_dir / "eval", artifact)
+    results = read_report(stage_dir / "eval") if current else None
+    if results is not None:
         row["eval"] = {  # VQA splits; caption results are in eval.md
             split: r["overall"]["accuracy"]
             for split, r in results.items()
@@ -129,7 +132,7 @@ def _stage_row(name: str, stage_dir: Path, artifact: Path) -> dict[str, Any]:
 
 @rank_zero_only
 def write_summary(rows: list[dict[str, Any]], run_dir: Path) -> None:
-    (run_dir / "summary.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_json(run_dir / "summary.json", rows)
     table = Table(title=f"recipe summary: {run_dir}")
     for col in ("stage", "steps", "wall time", "tokens seen", "final loss", "eval (exact match)"):
         table.add_column(col, justify="left" if col in ("stage", "eval (exact match)") else "right")
@@ -173,7 +176,7 @@ def plot_losses(rows: list[dict[str, Any]], run_dir: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     out = run_dir / "loss_curves.png"
-    fig.savefig(out, dpi=100)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return out
 

@@ -71,8 +71,9 @@ def artifact_identity(artifact_dir: Path) -> dict[str, Any]:
 
 def mark_evaluated(eval_dir: Path, artifact_dir: Path, **details: Any) -> None:
     """Record which artifact the evaluation in ``eval_dir`` scored."""
-    source = {**artifact_identity(artifact_dir), **details}
-    (Path(eval_dir) / EVAL_SOURCE).write_text(json.dumps(source, indent=2) + "\n")
+    from vlmtrain.durable import atomic_write_json
+
+    atomic_write_json(Path(eval_dir) / EVAL_SOURCE, {**artifact_identity(artifact_dir), **details})
 
 
 def evaluation_owner(eval_dir: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,23 +17,33 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from vlmtrain.artifacts import (
+    artifact_problems,
     config_hash,
     load_component,
     read_manifest,
     same_stage,
     save_artifact,
 )
+from vlmtrain.checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointRecord,
+    check_compatible,
+    checkpoint_callback,
+    choose_checkpoint,
+)
 from vlmtrain.config import COMPONENTS, schema_defaults
 from vlmtrain.data.chat import check_chat_template
 from vlmtrain.data.encode import SampleEncoder
-from vlmtrain.data.images import ImageProcessor
+from vlmtrain.data.fingerprint import data_fingerprints
+from vlmtrain.data.images import ImageLimits, ImageProcessor
 from vlmtrain.data.module import StageDataModule
+from vlmtrain.data.quality import DataQuality
 from vlmtrain.loggers import build_logger, log_location
 from vlmtrain.model.freezing import apply_trainable, parameter_table
 from vlmtrain.model.lm import load_tokenizer
@@ -172,16 +183,23 @@ class LastMetrics(Callback):
         self.restored = dict(state["metrics"])
 
 
-def build_trainer(cfg: DictConfig, stage_dir: Path) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig,
+    stage_dir: Path,
+    record: CheckpointRecord | None = None,
+    *,
+    fresh_start: bool = False,
+) -> L.Trainer:
     stage = cfg.stage
     callbacks: list[Callback] = [
         StageClock(),
         LastMetrics(),
-        ModelCheckpoint(
-            dirpath=stage_dir / "checkpoints",
-            every_n_train_steps=cfg.trainer.checkpoint_every,
-            save_last=True,
-            save_top_k=0,
+        checkpoint_callback(
+            stage_dir / "checkpoints", cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints
+        ),
+        *([record] if record is not None else []),
+        DataQuality(
+            [n for n, w in stage.mixture.items() if w > 0], cfg.data.max_skipped, stage.max_length
         ),
     ]
     if cfg.trainer.progress_bar:
@@ -196,7 +214,7 @@ def build_trainer(cfg: DictConfig, stage_dir: Path) -> L.Trainer:
         precision=cfg.trainer.precision,
         max_steps=stage.max_steps,
         max_epochs=-1,
-        logger=build_logger(cfg, stage_dir),
+        logger=build_logger(cfg, stage_dir, fresh_start=fresh_start),
         callbacks=callbacks,
         log_every_n_steps=cfg.trainer.log_every,
         val_check_interval=stage.val_every or None,
@@ -207,6 +225,7 @@ def build_trainer(cfg: DictConfig, stage_dir: Path) -> L.Trainer:
         enable_model_summary=False,
         deterministic=cfg.trainer.deterministic,
         default_root_dir=stage_dir,
+        plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the datamodule shards by rank itself
     )
 
@@ -219,6 +238,7 @@ def make_encoder(cfg: DictConfig, model: VisionLanguageModel, tokenizer) -> Samp
         spec.patch_size,
         cfg.data.root,
         model.token_downsample,
+        ImageLimits.from_config(cfg.data),
     )
     return SampleEncoder(tokenizer, images, cfg.model.image_token, cfg.stage.max_length)
 
@@ -230,10 +250,17 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     artifact_dir = stage_dir / "artifact"
     resolved = OmegaConf.to_container(cfg, resolve=True)
     init = resolve_init(stage, cfg.model, run_dir)
-    # A stage is "the same" when its config and the artifacts it starts from are.
+    prepare_data(cfg)
+    # A stage is "the same" when its config, the artifacts it starts from and its data are.
     sources = {k: read_manifest(v)["config_hash"] for k, v in init.items() if isinstance(v, Path)}
-    hashed = {**{k: resolved[k] for k in ("model", "data", "stage", "seed")}, "sources": sources}
+    hashed = {
+        **{k: resolved[k] for k in ("model", "data", "stage", "seed")},
+        "sources": sources,
+        "data_files": data_fingerprints(cfg.data, stage),
+    }
     digest = config_hash(hashed)
+    if artifact_dir.exists() and (problems := artifact_problems(artifact_dir)):
+        _set_aside_damaged_artifact(artifact_dir, problems)
     if (artifact_dir / "manifest.json").is_file():
         same, why = same_stage(read_manifest(artifact_dir), hashed, schema_defaults())
         if not same:
@@ -241,16 +268,14 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
                 f"\n  ... {len(why) - 12} more" if len(why) > 12 else ""
             )
             raise RuntimeError(
-                f"stage {stage.name!r} already finished in {stage_dir} with a different config "
-                f"or different source artifacts; what changed:\n  {shown}\n"
+                f"stage {stage.name!r} already finished in {stage_dir} with a different config, "
+                f"source artifacts or data; what changed:\n  {shown}\n"
                 f"Use another run_name, or delete {artifact_dir} (and {stage_dir / 'checkpoints'}) "
                 "to train it again."
             )
         console.print(f"[bold]stage {stage.name}[/] already finished: {artifact_dir}")
         if why:
-            console.print(
-                "  its config lacked keys added since, at their defaults: " + "; ".join(why)
-            )
+            console.print("  finished by an older vlmtrain; taken as unchanged: " + "; ".join(why))
         evaluate_if_asked(cfg, artifact_dir, stage_dir)
         return artifact_dir
 
@@ -259,7 +284,6 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
         torch.set_num_threads(cfg.trainer.num_threads)
     if cfg.trainer.keep_freed_memory:
         keep_freed_memory()
-    prepare_data(cfg)
     tokenizer, model = build_model(cfg, init)
     apply_trainable(model, stage.trainable, stage.lora)
     if cfg.trainer.activation_checkpointing:
@@ -269,17 +293,19 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     datamodule = StageDataModule(cfg.data, stage, make_encoder(cfg, model, tokenizer), cfg.seed)
     module = OBJECTIVES[stage.objective](model, stage)
 
-    ckpt_dir = stage_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    if last.is_file():
-        console.print(f"[bold]stage {stage.name}[/]: resuming from {last}")
-    _start_records(stage.name, stage_dir, resolved, resuming=last.is_file())
-    trainer = build_trainer(cfg, stage_dir)
+    chosen = _choose_checkpoint(stage_dir)
+    trainer = build_trainer(
+        cfg, stage_dir, CheckpointRecord(hashed, digest), fresh_start=chosen is None
+    )
+    resume = _check_resume(trainer, module, hashed, stage_dir, chosen)
+    _start_records(stage.name, stage_dir, resolved, resuming=resume is not None)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     (clock,) = (c for c in trainer.callbacks if isinstance(c, StageClock))
     (last_metrics,) = (c for c in trainer.callbacks if isinstance(c, LastMetrics))
+    (quality,) = (c for c in trainer.callbacks if isinstance(c, DataQuality))
+    data_totals = quality.totals(trainer.strategy)
 
     metrics = last_metrics.metrics()
     metrics.update(
@@ -287,6 +313,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
         tokens_seen=module.tokens_seen,
         wall_time_s=clock.elapsed(),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **quality.metrics(data_totals),
     )
     if torch.cuda.is_available():
         metrics["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -300,6 +327,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
                 "objective": stage.objective,
                 "config_hash": digest,
                 "config": resolved,
+                "data_files": hashed["data_files"],
+                "skipped_samples": quality.skipped,
                 "init": {k: str(v) for k, v in init.items()},
                 "metrics": metrics,
             },
@@ -307,23 +336,74 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
         )
     # Other ranks must not read the artifact (next stage) before rank 0 has written it.
     trainer.strategy.barrier("artifact")
-    _print_end(stage, metrics, artifact_dir, trainer)
+    _print_end(stage, metrics, artifact_dir, trainer, quality.report(data_totals))
     evaluate_if_asked(cfg, artifact_dir, stage_dir)
     return artifact_dir
+
+
+def _choose_checkpoint(stage_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that reads back (see vlmtrain.checkpoints), or None."""
+    return choose_checkpoint(stage_dir / "checkpoints", _say(stage_dir))
+
+
+def _check_resume(
+    trainer: L.Trainer, module, hashed: dict, stage_dir: Path, chosen: tuple[Path, dict] | None
+) -> str | None:
+    """The chosen checkpoint's path, once checked against this run (config, processes,
+    model shapes); an incompatible one is refused before anything is written."""
+    if chosen is None:
+        return None
+    path, contents = chosen
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+    def config_diff(record: dict) -> list[str]:
+        old = {"config_hash": record["config_hash"], **record["identity"]}
+        old["config"] = record["identity"]
+        same, why = same_stage(old, hashed, schema_defaults())
+        return [] if same else why
+
+    say = _say(stage_dir)
+    for note in check_compatible(
+        path, contents, trainer.world_size, shapes, config_diff, stage_dir
+    ):
+        say(note)
+    say(f"resuming from {path}")
+    return str(path)
+
+
+def _say(stage_dir: Path):
+    return rank_zero_only(lambda msg: console.print(f"[bold]stage {stage_dir.name}[/]: {msg}"))
+
+
+def _set_aside_damaged_artifact(artifact_dir: Path, problems: list[str]) -> None:
+    """A finished stage whose artifact does not read back is not finished: keep the damaged
+    one for inspection and train the stage again (from its newest checkpoint)."""
+    aside = artifact_dir.with_name("artifact.damaged")
+    if rank_zero_only.rank == 0:
+        shutil.rmtree(aside, ignore_errors=True)
+        artifact_dir.rename(aside)
+    console.print(
+        f"[bold]stage {artifact_dir.parent.name}[/]: its artifact {artifact_dir} is damaged:\n  "
+        + "\n  ".join(problems)
+        + f"\n  set aside as {aside.name}; the stage is trained again from its newest checkpoint"
+    )
 
 
 @rank_zero_only
 def evaluate_if_asked(cfg: DictConfig, artifact_dir: Path, stage_dir: Path) -> None:
     """Evaluate the stage's artifact on its eval splits, once per artifact: results are
-    kept, and an evaluation of an earlier artifact of this stage is set aside, never
-    reported as this one's."""
+    kept; an evaluation of an earlier artifact of this stage is set aside, never reported
+    as this one's; a missing or damaged report is written again."""
+    from vlmtrain.eval import evaluate_artifact, read_report, write_report
+
     eval_dir = stage_dir / "eval"
-    if not cfg.stage.eval_splits or current_evaluation(eval_dir, artifact_dir):
+    if not cfg.stage.eval_splits:
+        return
+    if current_evaluation(eval_dir, artifact_dir) and read_report(eval_dir) is not None:
         return
     if eval_dir.exists():
         moved = set_aside(eval_dir)
-        console.print(f"stage {cfg.stage.name}: evaluation of an earlier artifact kept as {moved}")
-    from vlmtrain.eval import evaluate_artifact, write_report
+        console.print(f"stage {cfg.stage.name}: evaluation of another artifact kept as {moved}")
 
     results = evaluate_artifact(
         artifact_dir, cfg.data.root, splits=tuple(cfg.stage.eval_splits), limit=cfg.stage.eval_limit
@@ -352,7 +432,11 @@ def _print_start(stage: DictConfig, model: VisionLanguageModel, init: dict[str, 
 
 @rank_zero_only
 def _print_end(
-    stage: DictConfig, metrics: dict[str, float], artifact_dir: Path, trainer: L.Trainer
+    stage: DictConfig,
+    metrics: dict[str, float],
+    artifact_dir: Path,
+    trainer: L.Trainer,
+    data_report: list[str],
 ) -> None:
     loss = metrics.get("train/loss")
     logs = "\n".join(f"  logs: {log_location(lg)}" for lg in trainer.loggers)
@@ -361,3 +445,5 @@ def _print_end(
         + (f", final loss {loss:.4f}" if loss is not None else "")
         + f", peak RSS {metrics['peak_rss_mb']:.0f} MB\n  artifact: {artifact_dir}\n{logs}"
     )
+    for line in data_report:
+        console.print(f"  data {line}")

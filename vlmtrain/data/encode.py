@@ -54,7 +54,8 @@ class SampleEncoder:
             per_image = self.images.tokens_per_image(pixel_values)
             ids, mask = _expand(ids, mask, self.image_token_id, per_image)
 
-        if len(ids) > self.max_length:
+        truncated = len(ids) > self.max_length
+        if truncated:
             last_image = max((i for i, t in enumerate(ids) if t == self.image_token_id), default=-1)
             if last_image >= self.max_length:
                 raise DataError(
@@ -77,6 +78,7 @@ class SampleEncoder:
             "input_ids": input_ids,
             "labels": labels_from_mask(input_ids, torch.tensor(mask)),
             "pixel_values": pixel_values,
+            "truncated": truncated,  # counted per dataset and reported (data.quality)
         }
 
     def length_hints(self, samples: Iterable[dict[str, Any]]) -> list[int]:
@@ -127,6 +129,9 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
         "ids": [b["id"] for b in batch],
         # The mixture dataset each sample came from (None outside a mixture).
         "datasets": [b.get("dataset") for b in batch],
+        # Samples cut at max_length, and bad samples skipped to fill this batch (data.quality).
+        "truncated": [bool(b.get("truncated")) for b in batch],
+        "skipped": [s for b in batch for s in b.get("skipped", ())],
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,

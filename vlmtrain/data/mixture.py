@@ -13,6 +13,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from vlmtrain.data.samples import DataError
+
 
 def mixture_indices(
     sizes: Mapping[str, int], weights: Mapping[str, float], seed: int, total: int | None = None
@@ -58,11 +60,13 @@ class MixtureDataset(Dataset):
         seed: int,
         total: int | None = None,
         cache: bool = False,
+        max_skipped: int = 0,
     ):
         self.sources = sources
         self.encode = encode
         self.index = mixture_indices({n: len(s) for n, s in sources.items()}, weights, seed, total)
         self.cache: dict[tuple[str, int], dict[str, Any]] | None = {} if cache else None
+        self.max_skipped = max_skipped
 
     def __len__(self) -> int:
         return len(self.index)
@@ -76,7 +80,30 @@ class MixtureDataset(Dataset):
         name, j = key = self.index[i]
         if self.cache is not None and key in self.cache:
             return self.cache[key]
-        sample = {**self.encode(self.sources[name][j]), "dataset": name}
+        sample = self._encode(i)
         if self.cache is not None:
             self.cache[key] = sample
         return sample
+
+    def _encode(self, i: int) -> dict[str, Any]:
+        """Entry ``i`` encoded. With ``max_skipped``, a bad sample is replaced by the next
+        entry that encodes (deterministic, so a resumed run sees the same), and the batch
+        carries what was skipped for data.quality to count against the budget."""
+        skipped = []
+        for k in range(self.max_skipped + 1):
+            name, j = self.index[(i + k) % len(self.index)]
+            raw = self.sources[name][j]
+            try:
+                sample = {**self.encode(raw), "dataset": name}
+            except DataError as e:
+                if not self.max_skipped:
+                    raise
+                skipped.append((name, str(raw["id"]), str(e)))
+                continue
+            return {**sample, "skipped": skipped}
+        raise DataError(
+            str(raw["id"]),
+            raw["source"],
+            f"{len(skipped)} bad samples in a row, over data.max_skipped={self.max_skipped}: "
+            + "; ".join(why for _, _, why in skipped),
+        )

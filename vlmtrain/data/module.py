@@ -49,7 +49,13 @@ class StageDataModule(L.LightningDataModule):
                     return None
                 sources[name] = load_samples(path)
         return MixtureDataset(
-            sources, self.stage.mixture, self.encoder, self.seed, total, self.data.cache_encoded
+            sources,
+            self.stage.mixture,
+            self.encoder,
+            self.seed,
+            total,
+            self.data.cache_encoded,
+            self.data.max_skipped,
         )
 
     def setup(self, stage: str | None = None) -> None:

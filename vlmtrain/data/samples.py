@@ -33,33 +33,76 @@ class DataError(ValueError):
         self.source = source
 
 
+class DataFileError(ValueError):
+    """A data file that cannot be read as samples, naming the file (and line, for JSONL)."""
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The raw records of a JSON-list or JSONL file, extra fields kept."""
+    """The raw records of a JSON-list or JSONL file, extra fields kept. Every way the file
+    can be unreadable (empty, not UTF-8, not JSON, a record that is not an object) is a
+    DataFileError naming the file, and the line for JSONL."""
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataFileError(f"data file {path} is empty")
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is tolerated
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataFileError(
+            f"data file {path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+            f"{e.start}); re-encode the file as UTF-8"
+        ) from None
     if path.suffix == ".jsonl":
-        out = []
-        with path.open() as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-        return out
-    with path.open() as f:
-        data = json.load(f)
+        records = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFileError(f"data file {path}:{line_no}: not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise DataFileError(
+                    f"data file {path}:{line_no}: a record must be a JSON object, "
+                    f"not {type(record).__name__}"
+                )
+            records.append(record)
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = (
+            " (one object per line is JSONL: name the file *.jsonl)"
+            if "Extra data" in str(e)
+            else ""
+        )
+        raise DataFileError(f"data file {path}: not valid JSON ({e}){hint}") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+        raise DataFileError(
+            f"data file {path}: expected a JSON list of samples, got {type(data).__name__}"
+        )
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DataFileError(
+                f"data file {path}: record #{i} must be a JSON object, not {type(record).__name__}"
+            )
     return data
+
+
+def image_names(record: dict[str, Any]) -> list[str]:
+    """The image paths a raw record names (``image`` or ``images``, one or a list)."""
+    images = record.get("image", record.get("images")) or []
+    return list(images) if isinstance(images, list) else [images]
 
 
 def normalize(record: dict[str, Any], index: int, source: str) -> dict[str, Any]:
     """One record -> {id, source, images, messages, text}; structural errors name the sample."""
     sample_id = str(record.get("id", f"#{index}"))
-    images = record.get("image", record.get("images")) or []
-    if isinstance(images, str):
-        images = [images]
+    images = image_names(record)
+    if not all(isinstance(im, str) and im for im in images):
+        raise DataError(sample_id, source, f"image paths must be non-empty strings, got {images!r}")
     if "text" in record and "conversations" not in record:
         if not isinstance(record["text"], str) or not record["text"]:
             raise DataError(sample_id, source, "'text' must be a non-empty string")
@@ -71,6 +114,8 @@ def normalize(record: dict[str, Any], index: int, source: str) -> dict[str, Any]
         raise DataError(sample_id, source, "needs a non-empty 'conversations' list or a 'text'")
     messages = []
     for turn in turns:
+        if not isinstance(turn, dict):
+            raise DataError(sample_id, source, f"malformed turn {turn!r} (not an object)")
         role = ROLES.get(turn.get("from", turn.get("role")))
         content = turn.get("value", turn.get("content"))
         if role is None or not isinstance(content, str):

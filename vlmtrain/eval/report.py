@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vlmtrain.durable import atomic_write_json, atomic_write_text
+
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
@@ -31,7 +33,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "eval.json", out / "eval.md"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_json(json_path, results)
     examples = []
     for split, res in results.items():
         for ex in res.get("examples", []):
@@ -42,5 +44,19 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
     body = "# Evaluation\n\n" + format_table(results)
     if examples:
         body += "\n## Examples\n\n" + "\n".join(examples) + "\n"
-    md_path.write_text(body)
+    atomic_write_text(md_path, body)
     return json_path, md_path
+
+
+def read_report(out_dir: str | Path) -> dict[str, Any] | None:
+    """The results ``write_report`` wrote there, or None when missing or damaged (a report
+    cut short by an older, non-atomic write) or when its table is missing."""
+    json_path, md_path = Path(out_dir) / "eval.json", Path(out_dir) / "eval.md"
+    if not (json_path.is_file() and md_path.is_file()):
+        return None
+    try:
+        results = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(results, dict) and all(isinstance(r, dict) for r in results.values())
+    return results if ok and results else None
