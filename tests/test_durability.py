@@ -216,6 +216,10 @@ def test_unusable_checkpoint_is_an_error_saying_what_to_do(
     assert "weights_only=False" not in text
     assert ckpt.is_file(), "an unusable checkpoint is left where it is"
     assert not (run / "sft" / "artifact").exists()
+    if case in ("changed config", "other process count"):  # found before any model is built
+        assert "parameters" not in proc.stdout
+    starts = (run / "sft" / "invocations.jsonl").read_text().splitlines()
+    assert len(starts) == 1, "a refused invocation changes no record of the run"
 
 
 def _finished_on_own_data(shapes_root: Path, tmp_path: Path) -> tuple[list[str], Path]:

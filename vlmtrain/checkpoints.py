@@ -220,7 +220,7 @@ def check_compatible(
     path: Path,
     contents: dict,
     world_size: int,
-    expected_shapes: dict[str, tuple[int, ...]],
+    expected_shapes: dict[str, tuple[int, ...]] | None,
     config_diff: Callable[[dict], list[str]],
     stage_dir: Path,
 ) -> list[str]:
@@ -253,6 +253,8 @@ def check_compatible(
                 f"{path.name} was written with another config; what changed:\n  {shown}\n"
                 "Run it with the values it started with to resume it. " + restart
             )
+    if expected_shapes is None:  # checked before the model exists
+        return notes
     state = contents.get("state_dict", {})
     problems = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {shape}"

@@ -279,6 +279,11 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
         evaluate_if_asked(cfg, artifact_dir, stage_dir)
         return artifact_dir
 
+    # A checkpoint this run cannot continue (other config or number of processes) is
+    # refused before any model is built; its model shapes are checked once one is.
+    chosen = _choose_checkpoint(stage_dir)
+    _check_resume(cfg_world_size(cfg.trainer), None, hashed, stage_dir, chosen, quiet=True)
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -293,11 +298,11 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     datamodule = StageDataModule(cfg.data, stage, make_encoder(cfg, model, tokenizer), cfg.seed)
     module = OBJECTIVES[stage.objective](model, stage)
 
-    chosen = _choose_checkpoint(stage_dir)
     trainer = build_trainer(
         cfg, stage_dir, CheckpointRecord(hashed, digest), fresh_start=chosen is None
     )
-    resume = _check_resume(trainer, module, hashed, stage_dir, chosen)
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    resume = _check_resume(trainer.world_size, shapes, hashed, stage_dir, chosen)
     _start_records(stage.name, stage_dir, resolved, resuming=resume is not None)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
@@ -346,15 +351,34 @@ def _choose_checkpoint(stage_dir: Path) -> tuple[Path, dict] | None:
     return choose_checkpoint(stage_dir / "checkpoints", _say(stage_dir))
 
 
+def cfg_world_size(trainer: DictConfig) -> int:
+    """The number of processes the trainer config asks for, before any Trainer exists."""
+    devices = trainer.devices
+    if isinstance(devices, int) and devices > 0:
+        per_node = devices
+    elif OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        per_node = len(devices)
+    elif str(devices) in ("auto", "-1") and trainer.accelerator in ("gpu", "cuda"):
+        per_node = max(torch.cuda.device_count(), 1)
+    else:
+        per_node = int(devices) if str(devices).isdigit() else 1
+    return per_node * trainer.num_nodes
+
+
 def _check_resume(
-    trainer: L.Trainer, module, hashed: dict, stage_dir: Path, chosen: tuple[Path, dict] | None
+    world_size: int,
+    shapes: dict[str, tuple[int, ...]] | None,
+    hashed: dict,
+    stage_dir: Path,
+    chosen: tuple[Path, dict] | None,
+    quiet: bool = False,
 ) -> str | None:
-    """The chosen checkpoint's path, once checked against this run (config, processes,
-    model shapes); an incompatible one is refused before anything is written."""
+    """The chosen checkpoint's path, once checked against this run (config, processes and,
+    given ``shapes``, model shapes); an incompatible one is refused before anything is
+    written."""
     if chosen is None:
         return None
     path, contents = chosen
-    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
     def config_diff(record: dict) -> list[str]:
         old = {"config_hash": record["config_hash"], **record["identity"]}
@@ -362,12 +386,12 @@ def _check_resume(
         same, why = same_stage(old, hashed, schema_defaults())
         return [] if same else why
 
-    say = _say(stage_dir)
-    for note in check_compatible(
-        path, contents, trainer.world_size, shapes, config_diff, stage_dir
-    ):
-        say(note)
-    say(f"resuming from {path}")
+    notes = check_compatible(path, contents, world_size, shapes, config_diff, stage_dir)
+    if not quiet:
+        say = _say(stage_dir)
+        for note in notes:
+            say(note)
+        say(f"resuming from {path}")
     return str(path)
 
 
