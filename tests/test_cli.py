@@ -44,7 +44,9 @@ def base_args(shapes_root: Path, out: Path, stages: tuple[str, ...] = ("stage",)
         "trainer.num_threads=1",
     ]
     for prefix in stages:
+        # Tests train components from scratch in any order, frozen or not.
         args += [f"{prefix}.batch_size=4", f"{prefix}.accumulate=2"]
+        args += [f"{prefix}.allow_frozen_fresh=true"]
     return args
 
 

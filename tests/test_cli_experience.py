@@ -48,3 +48,22 @@ def test_smoke_switch_runs_every_stage_of_a_recipe_for_a_few_steps(shapes_root, 
     log = (run / "cli.log").read_text()  # the console's messages are in the run's log too
     assert "stage sft" in log and "recipe summary" in log and "\x1b[" not in log
     assert "recipe summary" in proc.stdout
+
+
+def test_a_frozen_fresh_component_is_refused_unless_intended(shapes_root, tmp_path):
+    common = [
+        f"data.root={shapes_root}",
+        "data.generate=null",
+        f"output_dir={tmp_path}",
+        "trainer.progress_bar=false",
+        "stage=align",
+        "stage.max_steps=1",
+        "stage.batch_size=4",
+    ]
+    refused = vlmtrain([*common, "run_name=ff"], cwd=tmp_path, check=False)
+    assert refused.returncode == 1
+    assert "its vision starts fresh (random weights) and does not train" in refused.stderr
+    assert "stage.allow_frozen_fresh=true" in refused.stderr
+    assert not (tmp_path / "ff" / "align").exists()
+    vlmtrain([*common, "run_name=ff", "stage.allow_frozen_fresh=true"], cwd=tmp_path)
+    assert (tmp_path / "ff" / "align" / "artifact" / "manifest.json").is_file()

@@ -173,6 +173,11 @@ class StageConfig:
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    # A component that starts fresh (random) and does not train is refused unless this is
+    # set: the stage would read a random, frozen network (e.g. a projector-only alignment
+    # between an untrained tower and LM). A text-only stage, which never uses the tower and
+    # projector, sets it.
+    allow_frozen_fresh: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     max_steps: int = 100
     # Steps of like-length samples (LLaVA's group_by_modality_length): less padding,

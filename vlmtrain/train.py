@@ -109,6 +109,23 @@ def resolve_init(stage: DictConfig, model_cfg: DictConfig, run_dir: Path) -> dic
     return out
 
 
+def check_frozen_fresh(stage: DictConfig, init: dict[str, str | Path]) -> None:
+    """A random component that does not train makes the stage meaningless: refuse it
+    unless the stage says it is intended (stage.allow_frozen_fresh)."""
+    if stage.allow_frozen_fresh:
+        return
+    for name in COMPONENTS:
+        if init[name] == "fresh" and not stage.trainable[name]:
+            raise ValueError(
+                f"stage {stage.name!r}: its {name} starts fresh (random weights) and does not "
+                f"train (stage.trainable.{name}=false), so the stage would read a random, frozen "
+                f"{name}. Take it from an earlier stage (stage.init.{name}=from:<stage>) or an "
+                + ("artifact" if name == "projector" else f"artifact or model.{name}.path")
+                + f", train it (stage.trainable.{name}=true), or set "
+                "stage.allow_frozen_fresh=true if that is intended"
+            )
+
+
 def build_model(cfg: DictConfig, init: dict[str, str | Path]):
     """Tokenizer and model, each component initialized as ``init`` (see resolve_init) says."""
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
@@ -250,6 +267,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     artifact_dir = stage_dir / "artifact"
     resolved = OmegaConf.to_container(cfg, resolve=True)
     init = resolve_init(stage, cfg.model, run_dir)
+    check_frozen_fresh(stage, init)
     prepare_data(cfg)
     # A stage is "the same" when its config, the artifacts it starts from and its data are.
     sources = {k: read_manifest(v)["config_hash"] for k, v in init.items() if isinstance(v, Path)}
