@@ -1,7 +1,8 @@
 """The ``vlmtrain`` command.
 
 ``vlmtrain [hydra overrides]`` trains (Hydra app: ``--cfg job``, ``-m`` and all
-overrides work); ``vlmtrain generate-shapes ...`` writes the shapes data set.
+overrides work); ``vlmtrain generate-shapes ...`` writes the shapes data set;
+``vlmtrain export`` / ``vlmtrain chat`` export an artifact to transformers and talk to it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ def train_main(cfg: DictConfig) -> None:
     run_recipe(cfg, run_dir)
 
 
-SUBCOMMANDS = {"generate-shapes": "vlmtrain.data.shapes", "eval": "vlmtrain.eval.cli"}
+SUBCOMMANDS = {
+    "generate-shapes": "vlmtrain.data.shapes",
+    "eval": "vlmtrain.eval.cli",
+    "export": "vlmtrain.export",
+    "chat": "vlmtrain.chat",
+}
 
 
 def main() -> None:

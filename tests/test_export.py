@@ -1,0 +1,210 @@
+"""Export to transformers' Llava classes: parity, the processor round trip, refusals.
+
+Parity is measured the way a user meets the export: plain transformers loads the
+directory, the exported processor turns raw images and text into inputs, and its
+logits and greedy answers must match vlmtrain's model on the same held-out samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from vlmtrain.artifacts import save_artifact
+from vlmtrain.data.encode import SampleEncoder, collate
+from vlmtrain.data.images import ImageProcessor
+from vlmtrain.data.samples import load_samples
+from vlmtrain.eval import build_prompt, read_eval_samples
+from vlmtrain.export import NotExportable
+from vlmtrain.export import main as export_main
+from vlmtrain.model.lm import load_tokenizer
+from vlmtrain.model.projector import PixelShuffleMLPProjector
+from vlmtrain.model.vision import build_image_processor
+from vlmtrain.model.vlm import VisionLanguageModel
+
+# (tower, projector, LM) combinations Llava represents.
+COMBINATIONS = {
+    "siglip-mlp2x-llama": ("model=tiny",),
+    "clip-linear-qwen2": ("model=tiny_clip_qwen2", "model/projector=linear"),
+    "clip-mlp2x-qwen2": ("model=tiny_clip_qwen2",),
+    "siglip-linear-llama": ("model=tiny", "model/projector=linear"),
+}
+N_HELD_OUT = 6
+
+
+def trained_model(cfg, steps: int = 12):
+    """A tiny model from the config, trained a few AdamW steps on real shapes samples
+    so that no weight is at its initial value and answers differ by image."""
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(cfg.model, tokenizer)
+    processor = build_image_processor(cfg.model.vision, model.vision_spec)
+    images = ImageProcessor(
+        processor, model.vision_spec.patch_size, cfg.data.root, model.token_downsample
+    )
+    enc = SampleEncoder(tokenizer, images, cfg.model.image_token, 256)
+    root = Path(cfg.data.root)
+    vqa, captions = load_samples(root / "vqa_train.json"), load_samples(root / "caption_train.json")
+    samples = [vqa[i] for i in range(8)] + [captions[i] for i in range(4)]
+    batch = collate([enc(s) for s in samples], tokenizer.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), tokenizer
+
+
+def write_artifact(cfg, model, tokenizer, path: Path) -> Path:
+    manifest = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "stage": cfg.stage.name,
+        "objective": "next_token",
+        "init": {},
+        "metrics": {"steps": 12, "tokens_seen": 1234, "wall_time_s": 1.5, "train/loss": 2.0},
+    }
+    return save_artifact(model, tokenizer, path, manifest)
+
+
+@pytest.mark.parametrize("name", list(COMBINATIONS))
+def test_export_reloads_with_plain_transformers_and_matches(name, compose, shapes_root, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    cfg = compose(*COMBINATIONS[name])
+    model, tokenizer = trained_model(cfg)
+    artifact = write_artifact(cfg, model, tokenizer, tmp_path / "run" / "sft" / "artifact")
+    out = tmp_path / "export"
+    assert export_main([str(artifact), str(out)]) == 0
+
+    hf = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(out, local_files_only=True)
+    assert type(hf).__name__ == "LlavaForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaProcessor"
+    assert not list(tmp_path.glob(".export*")), "the temporary directory was left behind"
+
+    worst, answers = 0.0, []
+    samples = read_eval_samples(shapes_root / "vqa_test.json", limit=N_HELD_OUT)
+    for s in samples:
+        # The user's path: raw image, the question in transformers' message format.
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}
+        ]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        image = Image.open(shapes_root / s.images[0]).convert("RGB")
+        inputs = processor(images=[image], text=prompt, return_tensors="pt")
+        # The processor round trip: the very ids vlmtrain trains and evaluates on.
+        ours_ids = build_prompt(
+            tokenizer, s.messages, model.image_token_id, model.tokens_per_image, 1, s.id
+        )
+        assert inputs["input_ids"][0].tolist() == ours_ids, s.id
+        with torch.no_grad():
+            ours = model(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+            theirs = hf(**inputs).logits
+            worst = max(worst, (ours - theirs).abs().max().item())
+            hf_new = hf.generate(**inputs, max_new_tokens=8, do_sample=False)
+            hf_new = hf_new[0, inputs["input_ids"].shape[1] :].tolist()
+            our_new = model.generate(
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                inputs["pixel_values"],
+                max_new_tokens=8,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0].tolist()
+        # vlmtrain pads finished rows; transformers stops at eos: compare up to eos.
+        cut = (
+            our_new[: our_new.index(tokenizer.eos_token_id) + 1]
+            if tokenizer.eos_token_id in our_new
+            else our_new
+        )
+        assert hf_new[: len(cut)] == cut, s.id
+        answers.append(processor.decode(hf_new, skip_special_tokens=True))
+    print(f"{name}: max |logit difference| {worst:.3g} over {len(samples)} held-out samples")
+    assert worst < 1e-4 and math.isfinite(worst)
+
+
+def test_pixel_shuffle_layout_matches_internvl():
+    """What the refusal claims: vlmtrain's pixel shuffle orders tokens and channels as
+    transformers' InternVL does, so the same weights give the same features."""
+    from transformers import InternVLConfig
+    from transformers.models.internvl.modeling_internvl import (
+        InternVLModel,
+        InternVLMultiModalProjector,
+    )
+
+    torch.manual_seed(0)
+    ours = PixelShuffleMLPProjector(16, 24, downsample=2)
+    config = InternVLConfig(
+        vision_config={"hidden_size": 16},
+        text_config={"model_type": "qwen2", "hidden_size": 24},
+        downsample_ratio=0.5,
+    )
+    theirs = InternVLMultiModalProjector(config)
+    theirs.layer_norm.load_state_dict(ours.norm.state_dict())
+    theirs.linear_1.load_state_dict(ours.linear_1.state_dict())
+    theirs.linear_2.load_state_dict(ours.linear_2.state_dict())
+    features = torch.randn(2, 64, 16)
+    shuffled = InternVLModel.pixel_shuffle(None, features.reshape(2, 8, 8, 16), 0.5)
+    assert torch.allclose(ours(features), theirs(shuffled.reshape(2, 16, 64)), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, part",
+    [
+        (("model.vision.stem=conv", "model.vision.stem_blocks=2"), "model.vision.stem='conv'"),
+        (("model/projector=pixel_shuffle_mlp",), "model.projector.type=pixel_shuffle_mlp"),
+    ],
+)
+def test_refuses_an_architecture_without_a_standard_class(
+    overrides, part, compose, tmp_path, capsys
+):
+    cfg = compose(*overrides)
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
+    model = VisionLanguageModel.build(cfg.model, tokenizer)
+    artifact = write_artifact(cfg, model, tokenizer, tmp_path / "artifact")
+    out = tmp_path / "export"
+    assert export_main([str(artifact), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert part in err and "no standard" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".export*"))
+    with pytest.raises(NotExportable, match="InternVL|ConvPatchEmbedding"):
+        from vlmtrain.export import export_artifact
+
+        export_artifact(artifact, out)
+
+
+def test_incomplete_export_is_not_published(compose, tmp_path, monkeypatch):
+    """A tensor lost on the way to disk stops the export before the rename."""
+    import vlmtrain.export as export
+
+    cfg = compose()
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
+    model = VisionLanguageModel.build(cfg.model, tokenizer)
+    artifact = write_artifact(cfg, model, tokenizer, tmp_path / "artifact")
+    real_save = export.save_weights
+
+    def lossy_save(llava, path):
+        real_save(llava, path)
+        from safetensors.torch import load_file, save_file
+
+        (file,) = Path(path).glob("*.safetensors")
+        tensors = load_file(str(file))
+        dropped = sorted(k for k in tensors if "linear_2.weight" in k)[0]
+        del tensors[dropped]
+        save_file(tensors, str(file), metadata={"format": "pt"})
+
+    monkeypatch.setattr(export, "save_weights", lossy_save)
+    with pytest.raises(RuntimeError, match="incomplete; not published"):
+        export.export_artifact(artifact, tmp_path / "export")
+    assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export*"))
+    assert json.loads((artifact / "manifest.json").read_text())["stage"]
