@@ -13,19 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from helpers import trained_model, write_artifact
 from PIL import Image
 
-from vlmtrain.artifacts import save_artifact
-from vlmtrain.data.encode import SampleEncoder, collate
-from vlmtrain.data.images import ImageProcessor
-from vlmtrain.data.samples import load_samples
 from vlmtrain.eval import build_prompt, read_eval_samples
 from vlmtrain.export import NotExportable
 from vlmtrain.export import main as export_main
 from vlmtrain.model.lm import load_tokenizer
 from vlmtrain.model.projector import PixelShuffleMLPProjector
-from vlmtrain.model.vision import build_image_processor
 from vlmtrain.model.vlm import VisionLanguageModel
 
 # (tower, projector, LM) combinations Llava represents.
@@ -36,44 +31,6 @@ COMBINATIONS = {
     "siglip-linear-llama": ("model=tiny", "model/projector=linear"),
 }
 N_HELD_OUT = 6
-
-
-def trained_model(cfg, steps: int = 12):
-    """A tiny model from the config, trained a few AdamW steps on real shapes samples
-    so that no weight is at its initial value and answers differ by image."""
-    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
-    torch.manual_seed(0)
-    model = VisionLanguageModel.build(cfg.model, tokenizer)
-    processor = build_image_processor(cfg.model.vision, model.vision_spec)
-    images = ImageProcessor(
-        processor, model.vision_spec.patch_size, cfg.data.root, model.token_downsample
-    )
-    enc = SampleEncoder(tokenizer, images, cfg.model.image_token, 256)
-    root = Path(cfg.data.root)
-    vqa, captions = load_samples(root / "vqa_train.json"), load_samples(root / "caption_train.json")
-    samples = [vqa[i] for i in range(8)] + [captions[i] for i in range(4)]
-    batch = collate([enc(s) for s in samples], tokenizer.pad_token_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
-        )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), tokenizer
-
-
-def write_artifact(cfg, model, tokenizer, path: Path) -> Path:
-    manifest = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "stage": cfg.stage.name,
-        "objective": "next_token",
-        "init": {},
-        "metrics": {"steps": 12, "tokens_seen": 1234, "wall_time_s": 1.5, "train/loss": 2.0},
-    }
-    return save_artifact(model, tokenizer, path, manifest)
 
 
 @pytest.mark.parametrize("name", list(COMBINATIONS))
@@ -128,8 +85,14 @@ def test_export_reloads_with_plain_transformers_and_matches(name, compose, shape
             else our_new
         )
         assert hf_new[: len(cut)] == cut, s.id
+        # The image reaches the logits (so comparing them compares the vision path too).
+        other = processor(images=[image.rotate(90)], text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            assert not torch.allclose(hf(**other).logits, theirs), s.id
         answers.append(processor.decode(hf_new, skip_special_tokens=True))
-    print(f"{name}: max |logit difference| {worst:.3g} over {len(samples)} held-out samples")
+    print(
+        f"{name}: max |logit difference| {worst:.3g} over {len(samples)} held-out samples; {answers}"
+    )
     assert worst < 1e-4 and math.isfinite(worst)
 
 

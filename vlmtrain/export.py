@@ -172,7 +172,8 @@ def build_processor(model, tokenizer, model_cfg):
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=spec.patch_size,
+        # Pixel shuffle merges r x r patches per token (vlmtrain's own model in `chat`).
+        patch_size=spec.patch_size * model.token_downsample,
         vision_feature_select_strategy="default" if spec.has_class_token else "full",
         num_additional_image_tokens=1 if spec.has_class_token else 0,
         image_token=model_cfg.image_token,
