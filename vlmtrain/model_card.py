@@ -144,7 +144,7 @@ def render_card(
             f"| {_trainable(stage)} | {_fmt(metrics.get('wall_time_s'), 's')} "
             f"| {_fmt(metrics.get('train/loss'), 'f')} |"
         )
-    lines += ["", "Each stage's settings (learning rate, batch, schedule):", ""]
+    lines += ["", "Each stage's settings:", ""]
     for _, m in chain:
         s = m["config"]["stage"]
         optim = s.get("optim", {})
