@@ -171,3 +171,36 @@ def test_incomplete_export_is_not_published(compose, tmp_path, monkeypatch):
         export.export_artifact(artifact, tmp_path / "export")
     assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export*"))
     assert json.loads((artifact / "manifest.json").read_text())["stage"]
+
+
+@pytest.mark.slow
+def test_recipe_then_export_command_then_plain_transformers(shapes_root, tmp_path):
+    """The README's path: train a recipe, `vlmtrain export`, load with transformers alone."""
+    from test_cli import base_args, vlmtrain
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    stages = tuple(f"stages.{s}" for s in ("lm_pretrain", "align", "sft"))
+    args = ["recipe=tiny", "model.vision.stem=patch", "model.vision.stem_blocks=0"]
+    args += base_args(shapes_root, tmp_path / "runs", stages) + ["stages.sft.eval_limit=4"]
+    args += [f"{s}.max_steps=3" for s in stages]
+    vlmtrain(args, cwd=tmp_path)
+    artifact = tmp_path / "runs" / "default" / "sft" / "artifact"
+    vlmtrain(["export", str(artifact), str(tmp_path / "hf")], cwd=tmp_path)
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", local_files_only=True)
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf", local_files_only=True)
+    (s,) = read_eval_samples(shapes_root / "vqa_test.json", limit=1)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = Image.open(shapes_root / s.images[0])
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    card = (tmp_path / "hf" / "README.md").read_text()
+    for stage in ("lm_pretrain", "align", "sft"):
+        assert f"| {stage} | next_token |" in card
+    assert "## Evaluation" in card and (tmp_path / "hf" / "loss_curves.png").is_file()
+    refused = vlmtrain(["export", str(artifact), str(tmp_path / "hf")], cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "--force" in refused.stderr
