@@ -63,9 +63,8 @@ def check_exportable(model_cfg) -> None:
         raise NotExportable(
             "model.projector.type=pixel_shuffle_mlp: its token and channel order match "
             "transformers' InternVLForConditionalGeneration (tested), but InternVL's processor "
-            "wraps every image in <img> ... </img> tokens that vlmtrain's prompts do not have, "
-            "and its model expects an InternVL vision tower; no standard class reproduces this "
-            "model's inputs, so it is not exported"
+            "wraps every image in <img> ... </img> tokens that this model never saw in "
+            "training, so no standard class reproduces its inputs; it is not exported"
         )
     if projector.type not in EXPORTABLE_PROJECTORS:
         raise NotExportable(
