@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
 
     image = _read_image(args.image)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the answer is the only thing on stdout
     try:
         model, processor, what = load_chat_model(args.model)
     except (FileNotFoundError, ValueError) as e:
