@@ -40,7 +40,7 @@ def _from_artifact(path: Path) -> tuple[Any, Any, str]:
     from vlmtrain.export import NotExportable, build_llava, build_processor, check_exportable
 
     model, tokenizer, model_cfg = load_model(path)
-    processor = build_processor(model, tokenizer, model_cfg)
+    processor = build_processor(model, tokenizer, model_cfg, path)
     try:
         check_exportable(model_cfg)
     except NotExportable as e:

@@ -160,13 +160,14 @@ def _copy_weights(model, llava, linear: bool) -> None:
     llava.lm_head.load_state_dict(lm.get_output_embeddings().state_dict(), strict=True)
 
 
-def build_processor(model, tokenizer, model_cfg):
+def build_processor(model, tokenizer, model_cfg, artifact_dir: Path):
     from transformers import LlavaProcessor
 
-    from vlmtrain.model.vision import build_image_processor
+    from vlmtrain.artifacts import load_image_processor
 
     spec = model.vision_spec
-    image_processor = build_image_processor(model_cfg.vision, spec)
+    # The normalization the model was trained with, as its artifact stored it.
+    image_processor = load_image_processor(artifact_dir, model_cfg, spec)
     tokenizer.image_token = model_cfg.image_token  # saved in tokenizer_config.json
     return LlavaProcessor(
         image_processor=image_processor,
@@ -228,7 +229,7 @@ def export_artifact(artifact_dir: str | Path, out_dir: str | Path, *, force: boo
     hf_logging.disable_progress_bar()  # per-shard bars for a handful of tiny files
     model, tokenizer, model_cfg = load_model(artifact_dir)
     llava = build_llava(model, tokenizer, model_cfg)
-    processor = build_processor(model, tokenizer, model_cfg)
+    processor = build_processor(model, tokenizer, model_cfg, artifact_dir)
 
     tmp = out_dir.with_name(f".{out_dir.name}.export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
