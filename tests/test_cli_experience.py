@@ -67,3 +67,43 @@ def test_a_frozen_fresh_component_is_refused_unless_intended(shapes_root, tmp_pa
     assert not (tmp_path / "ff" / "align").exists()
     vlmtrain([*common, "run_name=ff", "stage.allow_frozen_fresh=true"], cwd=tmp_path)
     assert (tmp_path / "ff" / "align" / "artifact" / "manifest.json").is_file()
+
+
+def test_inspect_data_renders_supervised_spans_and_counts_truncation(shapes_root, tmp_path):
+    common = [f"data.root={shapes_root}", "data.generate=null"]
+    out = vlmtrain(
+        [
+            "inspect-data",
+            "--show",
+            "2",
+            "--examine",
+            "30",
+            "stage=sft",
+            "stage.mixture.instruct=0",
+            "+stage.mixture.vqa=1.0",
+            "stage.max_length=200",
+            *common,
+        ],
+        cwd=tmp_path,
+    ).stdout
+    assert "stage sft (max_length 200)" in out and "cut at max_length 0.0%" in out
+    # An image run collapsed, the answer (and only it) between « », the turn end inside.
+    vqa = next(line for line in out.splitlines() if line.strip().startswith("vqa-"))
+    assert "<image x64>" in vqa and vqa.count("«") == 1 and "<|im_end|>»" in vqa
+    cut = vlmtrain(
+        [
+            "inspect-data",
+            "--show",
+            "1",
+            "--examine",
+            "30",
+            "stage=sft",
+            "stage.mixture.instruct=0",
+            "+stage.mixture.caption=1.0",
+            "stage.max_length=90",
+            *common,
+        ],
+        cwd=tmp_path,
+    ).stdout
+    fraction = float(cut.split("cut at max_length ")[1].split("%")[0])
+    assert 0 < fraction <= 100 and "[cut at max_length]" in cut

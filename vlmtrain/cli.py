@@ -131,6 +131,10 @@ def _also_to_log(path: Path):
 SUBCOMMANDS = {
     "eval": ("vlmtrain.eval.cli", "score an artifact on held-out splits (eval.json, eval.md)"),
     "generate-shapes": ("vlmtrain.data.shapes", "write the shapes data set"),
+    "inspect-data": (
+        "vlmtrain.data.inspect",
+        "rendered samples with supervised spans marked, token counts, truncation",
+    ),
     "export": ("vlmtrain.export", "export an artifact to a transformers model directory"),
     "chat": ("vlmtrain.chat", "ask a trained model about an image of your own"),
 }
