@@ -127,3 +127,28 @@ def test_any_logger_gets_hyperparameters_and_the_loss_plot(shapes_root, tmp_path
     assert len(_rows(stage / "logs" / "csv" / "metrics.csv")) == 2  # summaries read it
     assert (tmp_path / "lg" / "loss_curves.png").stat().st_size > 1000
     assert str(stage / "logs" / "tensorboard") in proc.stdout.replace("\n", "")
+
+
+def test_a_run_can_start_from_another_runs_finished_stages(shapes_root, tmp_path):
+    args = [*base_args(shapes_root, tmp_path), "stage.max_steps=1"]
+    vlmtrain([*args, "run_name=a", "stage=align"], cwd=tmp_path)
+    source = tmp_path / "a" / "align" / "artifact"
+
+    reused = vlmtrain(
+        [*args, "run_name=b", "stage=align", f"start_from={tmp_path / 'a'}"], cwd=tmp_path
+    )
+    assert "reused from" in reused.stdout
+    assert not (tmp_path / "b" / "align" / "logs").exists()  # nothing trained
+    assert (tmp_path / "b" / "align" / "artifact" / "manifest.json").read_bytes() == (
+        source / "manifest.json"
+    ).read_bytes()
+    # Later stages take it by reference as from any stage of this run.
+    vlmtrain([*args, "run_name=b", "stage=sft", "stage.init.projector=from:align"], cwd=tmp_path)
+
+    changed = vlmtrain(
+        [*args, "run_name=c", "stage=align", f"start_from={tmp_path / 'a'}", "stage.optim.lr=0.5"],
+        cwd=tmp_path,
+    )
+    assert "not reused" in changed.stdout and "stage.optim.lr: 0.001 -> 0.5" in changed.stdout
+    trained = _manifest(tmp_path / "c" / "align")  # trained here
+    assert trained["config"]["stage"]["optim"]["lr"] == 0.5 and trained["metrics"]["steps"] == 1

@@ -235,6 +235,9 @@ class VLMTrainConfig:
     # ... or a recipe (recipe=<name>): named stages, run in order, joined by artifacts.
     recipe: str | None = None
     stages: dict[str, StageConfig] = field(default_factory=dict)
+    # Another run's directory: each stage finished there with this very config (same
+    # sources, same data) is taken from it (its artifact linked in) instead of retrained.
+    start_from: str | None = None
     # Print the plan (stages, parameters, tokens, memory) without training.
     plan: bool = False
     # debug=smoke: cap every stage at this many optimizer steps (and its evaluation at a

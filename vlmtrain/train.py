@@ -279,6 +279,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     digest = config_hash(hashed)
     if artifact_dir.exists() and (problems := artifact_problems(artifact_dir)):
         _set_aside_damaged_artifact(artifact_dir, problems)
+    if cfg.start_from and not artifact_dir.exists():
+        _reuse_finished(Path(cfg.start_from) / stage.name / "artifact", artifact_dir, hashed)
     if (artifact_dir / "manifest.json").is_file():
         same, why = same_stage(read_manifest(artifact_dir), hashed, schema_defaults())
         if not same:
@@ -415,6 +417,34 @@ def _check_resume(
 
 def _say(stage_dir: Path):
     return rank_zero_only(lambda msg: console.print(f"[bold]stage {stage_dir.name}[/]: {msg}"))
+
+
+def _reuse_finished(source: Path, artifact_dir: Path, hashed: dict) -> None:
+    """Take a stage finished in another run (start_from) when it is the stage this config
+    would train: its files are hard-linked (copied across file systems) into this run."""
+    name = artifact_dir.parent.name
+    if not (source / "manifest.json").is_file() or artifact_problems(source):
+        console.print(f"stage {name}: nothing finished to reuse at {source}; training it here")
+        return
+    same, why = same_stage(read_manifest(source), hashed, schema_defaults())
+    if not same:
+        console.print(
+            f"stage {name}: not reused from {source}, its config differs:\n  " + "\n  ".join(why)
+        )
+        return
+    if rank_zero_only.rank == 0:
+        tmp = artifact_dir.with_name(artifact_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, copy_function=_link_or_copy)
+        tmp.rename(artifact_dir)
+    console.print(f"[bold]stage {name}[/]: reused from {source}")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _set_aside_damaged_artifact(artifact_dir: Path, problems: list[str]) -> None:
