@@ -28,6 +28,7 @@ from vlmtrain.artifacts import (
     same_stage,
     save_artifact,
 )
+from vlmtrain.composition import tokenizer_record
 from vlmtrain.config import COMPONENTS, schema_defaults
 from vlmtrain.data.chat import check_chat_template
 from vlmtrain.data.encode import SampleEncoder
@@ -264,6 +265,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
                 "config_hash": digest,
                 "config": resolved,
                 "init": {k: str(v) for k, v in init.items()},
+                "tokenizer": tokenizer_record(cfg.model, tokenizer),
                 "metrics": metrics,
             },
         )
