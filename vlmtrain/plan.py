@@ -160,7 +160,7 @@ def print_plan(plans: list[dict[str, Any]], cfg: DictConfig) -> None:
         total_t = sum(c["trainable"] for c in p["parameters"].values())
         total_f = sum(c["frozen"] for c in p["parameters"].values())
         table.add_row("all", "", f"{total_t:,}", f"{total_f:,}", style="bold")
-        table.caption = f"model {p['model']}; tokenizer {p['tokenizer']}"
+        console.print(f"[bold]stage {p['stage']}[/] model {p['model']}; tokenizer {p['tokenizer']}")
         console.print(table)
         mem = p["memory_gib_per_device"]
         console.print(
