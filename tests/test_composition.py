@@ -263,3 +263,28 @@ def test_progressive_recipe_runs_with_tiny_substitutes(shapes_root, other_tokeni
     # The final stage evaluates with the new tokenizer: image placeholders are filled.
     results = json.loads((run / "full_78b" / "eval" / "eval.json").read_text())
     assert results["test_unseen"]["overall"]["n"] == 8
+
+
+def test_bad_hand_off_fails_before_any_stage_trains(shapes_root, tmp_path):
+    """Through the command line: a projector carried to a wider LM stops the recipe before
+    its first stage, naming the tensors."""
+    stages = ("stages.lm_pretrain", "stages.align", "stages.sft")
+    args = [*base_args(shapes_root, tmp_path, stages), "recipe=tiny", "run_name=bad", *WIDE_LM]
+    proc = vlmtrain(args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "stages.sft.init.projector='from:align'" in proc.stderr
+    assert "linear_1.weight: stage 'align' (64, 64) vs this stage (96, 64)" in proc.stderr
+    assert not any((tmp_path / "bad").glob("*/checkpoints"))
+
+
+def test_plan_command_shows_each_stage_model(tmp_path):
+    proc = vlmtrain(
+        ["recipe=internvl25_progressive", "plan=true", "trainer=gpu", "trainer.devices=8"],
+        cwd=tmp_path,
+        env={"COLUMNS": "200"},
+    )
+    assert "stage full model internvl25_26b: vision siglip 3200x45 448px/14" in proc.stdout
+    assert (
+        "stage full_78b model internvl25_78b:" in proc.stdout and "lm qwen2 8192x80" in proc.stdout
+    )
+    assert "72,706,220,032" in proc.stdout and "19,861,161,984" in proc.stdout
