@@ -97,6 +97,7 @@ def main() -> int:
     parser.add_argument("--lm-steps", type=int, default=300, help="text pretraining of each LM")
     parser.add_argument("--small-vit", type=int, default=400, help="small LM: ViT incremental")
     parser.add_argument("--small-full", type=int, default=800, help="small LM: full tuning")
+    parser.add_argument("--seed", type=int, default=0, help="initialization and data order")
     parser.add_argument("--eval-limit", type=int, default=None, help="questions per split")
     parser.add_argument("--data-root", default=str(REPO / "data/generated/shapes"))
     parser.add_argument("--out", default=str(REPO / "runs/demo_progressive"))
@@ -112,6 +113,7 @@ def main() -> int:
         "data.cache_encoded=false",  # under one epoch per run: the cache would only cost RAM
         "model.vision.stem=conv",  # the tiny recipe's tower
         "model.vision.stem_blocks=2",
+        f"seed={args.seed}",
     ]
     limit = [] if args.eval_limit is None else [f"eval_limit={args.eval_limit}"]
     start = time.perf_counter()
