@@ -192,6 +192,11 @@ class StageConfig:
     # Held-out splits evaluated (greedy generation, exact match) when the stage ends.
     eval_splits: list[str] = field(default_factory=list)
     eval_limit: int | None = None  # samples per split; None = all
+    # Parts of the model this stage changes, merged over the recipe's ``model`` (another
+    # LM, projector, resolution, tokenizer): {lm: {hidden_size: 2048, ...}}. Checked
+    # against ModelConfig when the recipe starts (vlmtrain.composition.effective_model);
+    # typed Any because a structured value would fill every field with its default.
+    model: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- trainer

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from vlmtrain.composition import check_handoffs, describe_model
 from vlmtrain.model.freezing import apply_trainable, parameter_counts
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.recipe import check_order, stage_config, stage_list
@@ -115,6 +116,12 @@ def plan_stage(cfg: DictConfig) -> dict[str, Any]:
     return {
         "stage": stage.name,
         "objective": stage.objective,
+        "model": describe_model(cfg.model),
+        "tokenizer": (
+            f"{cfg.model.tokenizer} ({len(tokenizer):,} tokens)"
+            if tokenizer is not None
+            else f"none yet (lm.vocab_size {cfg.model.lm.vocab_size} + image token)"
+        ),
         "mixture": dict(stage.mixture),
         "init": init,
         "parameters": {k: {"trainable": t, "frozen": f} for k, (t, f) in counts.items()},
@@ -129,7 +136,9 @@ def plan_stage(cfg: DictConfig) -> dict[str, Any]:
 def plan_recipe(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
     stages = stage_list(cfg)
     check_order(stages, run_dir)
-    plans = [plan_stage(stage_config(cfg, name, stage)) for name, stage in stages]
+    configs = [(name, stage_config(cfg, name, stage)) for name, stage in stages]
+    check_handoffs(configs, run_dir)
+    plans = [plan_stage(scfg) for _, scfg in configs]
     print_plan(plans, cfg)
     return plans
 
@@ -151,6 +160,7 @@ def print_plan(plans: list[dict[str, Any]], cfg: DictConfig) -> None:
         total_t = sum(c["trainable"] for c in p["parameters"].values())
         total_f = sum(c["frozen"] for c in p["parameters"].values())
         table.add_row("all", "", f"{total_t:,}", f"{total_f:,}", style="bold")
+        console.print(f"[bold]stage {p['stage']}[/] model {p['model']}; tokenizer {p['tokenizer']}")
         console.print(table)
         mem = p["memory_gib_per_device"]
         console.print(

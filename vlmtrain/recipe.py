@@ -17,10 +17,13 @@ from rich.console import Console
 from rich.table import Table
 
 from vlmtrain.artifacts import read_manifest
+from vlmtrain.composition import check_handoffs, describe_model, effective_model
 from vlmtrain.config import COMPONENTS
 from vlmtrain.durable import atomic_write, atomic_write_json
 from vlmtrain.eval.report import read_report
 from vlmtrain.records import current_evaluation
+
+MANIFEST = "manifest.json"
 
 console = Console()
 
@@ -38,33 +41,44 @@ def stage_list(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 
 def check_order(stages: list[tuple[str, DictConfig]], run_dir: Path | None = None) -> None:
     """Every ``from:<stage>`` names an earlier stage of this recipe, or a stage already
-    finished in ``run_dir`` (a single-stage run continuing an earlier one); checked
-    before anything trains."""
-    seen: list[str] = []
-    for name, stage in stages:
+    finished in ``run_dir`` that is not part of this recipe (a single-stage run
+    continuing an earlier one); a stage of this recipe named from itself or from an
+    earlier stage (a cycle) is refused. Checked before anything trains."""
+    names = [name for name, _ in stages]
+    for i, (name, stage) in enumerate(stages):
+        seen = names[:i]
         for comp in COMPONENTS:
             spec = str(stage.init[comp])
-            if not spec.startswith("from:") or spec[5:] in seen:
+            source = spec[len("from:") :]
+            if not spec.startswith("from:") or source in seen:
                 continue
-            if (
-                run_dir is not None
-                and (Path(run_dir) / spec[5:] / "artifact" / "manifest.json").is_file()
-            ):
+            where = f"stages.{name}.init.{comp}={spec!r}"
+            if source == name:
+                raise ValueError(f"{where}: a stage cannot start from its own artifact")
+            if source in names:
+                raise ValueError(
+                    f"{where}: stage {source!r} runs after {name!r} in this recipe "
+                    f"(order: {names}); a stage takes components only from earlier stages"
+                )
+            if run_dir is not None and (Path(run_dir) / source / "artifact" / MANIFEST).is_file():
                 continue
             raise ValueError(
-                f"stages.{name}.init.{comp}={spec!r}: no earlier stage of that name in this "
-                f"recipe (earlier stages: {seen or 'none'}) and no finished one in {run_dir}"
+                f"{where}: no earlier stage of that name in this recipe (earlier stages: "
+                f"{seen or 'none'}) and no finished one in {run_dir}"
             )
-        seen.append(name)
 
 
 def stage_config(cfg: DictConfig, name: str, stage: DictConfig) -> DictConfig:
-    """The root config with ``stage`` set to this stage, as a single-stage run would see it."""
+    """The root config with ``stage`` set to this stage, as a single-stage run would see it,
+    and ``model`` the stage's effective model (its ``model`` override merged in, then
+    cleared, so the config hash covers the model the stage trains, however it is spelt)."""
     out = cfg.copy()
     with open_dict(out):
         out.stages = {}
         out.stage = stage
         out.stage.name = name
+        out.model = effective_model(cfg.model, stage.model, f"stages.{name}.model")
+        out.stage.model = {}
         out.stage.accumulate = accumulation(out)
         if cfg.smoke_steps:
             out.stage.max_steps = min(out.stage.max_steps, cfg.smoke_steps)
@@ -92,13 +106,15 @@ def accumulation(cfg: DictConfig) -> int:
 
 
 def run_recipe(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
-    from vlmtrain.train import run_stage
+    from vlmtrain.train import prepare_data, run_stage
 
     stages = stage_list(cfg)
     check_order(stages, run_dir)
+    prepare_data(cfg)  # the tokenizers the hand-off checks compare may be generated data
+    configs = [(name, stage_config(cfg, name, stage)) for name, stage in stages]
+    check_handoffs(configs, run_dir)
     rows = []
-    for name, stage in stages:
-        scfg = stage_config(cfg, name, stage)
+    for name, scfg in configs:
         artifact = run_stage(scfg, run_dir)
         rows.append(_stage_row(name, Path(run_dir) / name, artifact))
     write_summary(rows, Path(run_dir))
@@ -110,6 +126,7 @@ def _stage_row(name: str, stage_dir: Path, artifact: Path) -> dict[str, Any]:
     metrics = manifest.get("metrics", {})
     row = {
         "stage": name,
+        "model": describe_model(manifest["config"]["model"]),
         "steps": metrics.get("steps"),
         "wall_time_s": metrics.get("wall_time_s"),
         "tokens_seen": metrics.get("tokens_seen"),
@@ -134,12 +151,24 @@ def _stage_row(name: str, stage_dir: Path, artifact: Path) -> dict[str, Any]:
 def write_summary(rows: list[dict[str, Any]], run_dir: Path) -> None:
     atomic_write_json(run_dir / "summary.json", rows)
     table = Table(title=f"recipe summary: {run_dir}")
-    for col in ("stage", "steps", "wall time", "tokens seen", "final loss", "eval (exact match)"):
-        table.add_column(col, justify="left" if col in ("stage", "eval (exact match)") else "right")
+    cols = (
+        "stage",
+        "model",
+        "steps",
+        "wall time",
+        "tokens seen",
+        "final loss",
+        "eval (exact match)",
+    )
+    for col in cols:
+        table.add_column(
+            col, justify="left" if col in ("stage", "model", "eval (exact match)") else "right"
+        )
     for r in rows:
         evals = ", ".join(f"{k} {v:.3f}" for k, v in r.get("eval", {}).items())
         table.add_row(
             r["stage"],
+            r.get("model", "-"),
             str(r["steps"]),
             f"{r['wall_time_s']:.0f}s" if r["wall_time_s"] is not None else "-",
             f"{int(r['tokens_seen']):,}" if r.get("tokens_seen") else "-",

@@ -37,6 +37,7 @@ from vlmtrain.checkpoints import (
     checkpoint_callback,
     choose_checkpoint,
 )
+from vlmtrain.composition import tokenizer_record
 from vlmtrain.config import COMPONENTS, schema_defaults
 from vlmtrain.data.chat import check_chat_template
 from vlmtrain.data.encode import SampleEncoder
@@ -355,6 +356,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
                 "data_files": hashed["data_files"],
                 "skipped_samples": quality.skipped,
                 "init": {k: str(v) for k, v in init.items()},
+                "tokenizer": tokenizer_record(cfg.model, tokenizer),
                 "metrics": metrics,
             },
             image_processor=build_image_processor(cfg.model.vision, model.vision_spec),
