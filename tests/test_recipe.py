@@ -84,6 +84,33 @@ def test_llava15_plans_activation_checkpointing_as_published(compose):
             assert mem_on[part] == mem_off[part]
 
 
+def test_plan_checks_the_strategy_and_warns_beyond_device_memory(compose, capsys):
+    gpu = ("recipe=llava15", "trainer=gpu", "trainer.devices=8", "trainer.device_memory=h100")
+    with pytest.raises(ValueError, match=r"trainer.strategy='fdsp'.*fsdp"):
+        plan_recipe(compose(*gpu, "trainer.strategy=fdsp"))
+    sharded = plan_recipe(compose(*gpu))  # the recipe's ZeRO-3, as LLaVA-1.5 fine-tunes
+    assert "exceeds" not in capsys.readouterr().out
+    assert sharded[1]["memory_gib_per_device"]["total"] < 80
+    unsharded = plan_recipe(compose(*gpu, "trainer.strategy=auto"))
+    assert unsharded[1]["memory_gib_per_device"]["total"] > 80
+    said = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "exceeds the 80 GiB of a device (trainer.device_memory=h100)" in said
+    # Sharded states divide over every process of the job: 2 nodes x 4 = 1 node x 8.
+    nodes = [a for a in gpu if not a.startswith("trainer.devices")]
+    two_nodes = plan_recipe(compose(*nodes, "trainer.num_nodes=2", "trainer.devices=4"))
+    assert two_nodes[1]["memory_gib_per_device"] == sharded[1]["memory_gib_per_device"]
+
+
+def test_plan_measures_supervised_positions_and_truncation_on_present_data(compose, capsys):
+    plans = plan_recipe(compose("recipe=tiny"))  # the test data is present
+    sft = plans[2]
+    assert "measured" in sft["logits_per_sample"]
+    measured = float(sft["logits_per_sample"].split()[0])
+    assert 1 <= measured < 40  # one-word answers, captions and chat turns, not max_length
+    out = capsys.readouterr().out
+    assert "cut at max_length" in out and "«" in out
+
+
 def test_plan_of_tiny_recipe_on_meta(compose):
     plans = plan_recipe(compose("recipe=tiny"))
     assert [p["stage"] for p in plans] == ["lm_pretrain", "align", "sft"]
@@ -159,6 +186,7 @@ def test_llava15_recipe_runs_with_tiny_substitutes(shapes_root, tmp_path):
         *base_args(shapes_root, tmp_path, LLAVA),
         "recipe=llava15",
         "run_name=l15",
+        "trainer.strategy=auto",  # the recipe's ZeRO-3 needs GPUs
         "model=tiny",
         "data=shapes",
         f"data.root={shapes_root}",

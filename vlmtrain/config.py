@@ -205,7 +205,7 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # a Lightning strategy name (checked: vlmtrain.hardware)
     precision: str = "32-true"
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     # Newest checkpoints kept; a resume falls back to an older one when the newest is damaged.
@@ -219,6 +219,9 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     deterministic: bool = False
     progress_bar: bool = True
+    # Memory of one device for the plan's warning: GiB or a known GPU (h100, a100-40gb, ...;
+    # vlmtrain.hardware). None: the visible GPU's, else an assumed A100-80GB.
+    device_memory: Any = None
 
 
 @dataclass

@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
 from vlmtrain.composition import check_handoffs, describe_model
+from vlmtrain.hardware import check_strategy, device_memory_gib
 from vlmtrain.model.freezing import apply_trainable, parameter_counts
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.recipe import check_order, stage_config, stage_list
@@ -30,20 +31,26 @@ def _bytes_per_param(precision: str) -> int:
 def _tokenizer_or_none(cfg: DictConfig):
     from vlmtrain.model.lm import load_tokenizer
 
-    if OmegaConf.is_missing(cfg.model, "tokenizer"):
-        return None
-    path = cfg.model.tokenizer
+    path = cfg.model.tokenizer or cfg.model.lm.path  # the LM's own by default
     if path and Path(path).is_dir():
         return load_tokenizer(cfg.model)
     return None
 
 
 def estimate_memory(
-    counts: dict[str, tuple[int, int]], model: VisionLanguageModel, cfg: DictConfig
+    counts: dict[str, tuple[int, int]],
+    model: VisionLanguageModel,
+    cfg: DictConfig,
+    supervised_per_sample: float | None = None,
 ) -> dict[str, float]:
-    """Rough per-device bytes, in GiB."""
+    """Rough per-device bytes, in GiB. ``supervised_per_sample``: the positions a sample's
+    logits are computed at (measured on the data when it is present); by default every
+    position but one image's tokens."""
+    if supervised_per_sample is None:
+        supervised_per_sample = max(cfg.stage.max_length - model.tokens_per_image, 1)
     stage, trainer = cfg.stage, cfg.trainer
-    devices = trainer.devices if isinstance(trainer.devices, int) else 1
+    # Sharded states are split over every process of the job, all nodes included.
+    devices = (trainer.devices if isinstance(trainer.devices, int) else 1) * trainer.num_nodes
     total = sum(t + f for t, f in counts.values())
     trainable = sum(t for t, _ in counts.values())
     weight_b = _bytes_per_param(trainer.precision)
@@ -71,7 +78,9 @@ def estimate_memory(
     activations = 0.0
     if trainable:
         activations += kept(tokens, lm_cfg.hidden_size, lm_cfg.num_hidden_layers)
-        activations += tokens * lm_cfg.vocab_size * 4 * 2  # fp32 logits and their gradient
+        # Training computes logits only at supervised positions (fp32, and their gradient).
+        logit_positions = stage.batch_size * supervised_per_sample
+        activations += logit_positions * lm_cfg.vocab_size * 4 * 2
     if counts["vision"][0]:
         spec = model.vision_spec
         v = model.vision_tower.config
@@ -105,11 +114,16 @@ def describe_init(cfg: DictConfig) -> dict[str, str]:
 
 
 def plan_stage(cfg: DictConfig) -> dict[str, Any]:
+    check_strategy(cfg.trainer.strategy)
     init = describe_init(cfg)
     tokenizer = _tokenizer_or_none(cfg)
     model = VisionLanguageModel.build(cfg.model, tokenizer, device="meta")
     apply_trainable(model, cfg.stage.trainable, cfg.stage.lora)
     counts = parameter_counts(model)
+    data = _data_report(cfg, tokenizer)
+    supervised = None
+    if data and (means := [r.summary()["supervised_tokens"].get("mean") for r in data]):
+        supervised = max((m for m in means if m is not None), default=None)
     stage, trainer = cfg.stage, cfg.trainer
     devices = trainer.devices if isinstance(trainer.devices, int) else 1
     samples_per_step = stage.batch_size * stage.accumulate * devices * trainer.num_nodes
@@ -129,8 +143,25 @@ def plan_stage(cfg: DictConfig) -> dict[str, Any]:
         "samples_per_step": samples_per_step,
         "max_tokens_per_step": samples_per_step * stage.max_length,
         "steps": stage.max_steps,
-        "memory_gib_per_device": estimate_memory(counts, model, cfg),
+        "max_length": stage.max_length,
+        "memory_gib_per_device": estimate_memory(counts, model, cfg, supervised),
+        "logits_per_sample": (
+            f"{supervised:.0f} supervised positions (measured)"
+            if supervised is not None
+            else f"<= {max(stage.max_length - model.tokens_per_image, 1)} positions "
+            "(max_length less one image's tokens; no data to measure)"
+        ),
+        "data": data,
     }
+
+
+def _data_report(cfg: DictConfig, tokenizer):
+    """The stage's data as inspect-data sees it, when the data and tokenizer are here."""
+    from vlmtrain.data.inspect import data_present, inspect_stage, stage_encoder
+
+    if tokenizer is None or not data_present(cfg):
+        return None
+    return inspect_stage(cfg, stage_encoder(cfg), show=1, examine=100)
 
 
 def plan_recipe(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, Any]]:
@@ -144,7 +175,10 @@ def plan_recipe(cfg: DictConfig, run_dir: Path | None = None) -> list[dict[str, 
 
 
 def print_plan(plans: list[dict[str, Any]], cfg: DictConfig) -> None:
+    from vlmtrain.data.inspect import format_reports
+
     t = cfg.trainer
+    available, source = device_memory_gib(t)
     console.print(
         f"[bold]plan[/] model={cfg.model.name} trainer: {t.accelerator} x{t.devices} "
         f"({t.strategy}, {t.precision})"
@@ -169,4 +203,15 @@ def print_plan(plans: list[dict[str, Any]], cfg: DictConfig) -> None:
             f"  memory per device (estimate at max_length, activation checkpointing "
             f"{'on' if cfg.trainer.activation_checkpointing else 'off'}): {mem['total']:.1f} GiB = weights {mem['weights']:.1f} "
             f"+ grads {mem['grads']:.1f} + optimizer {mem['optimizer']:.1f} + activations {mem['activations']:.1f}"
+            f"\n  logits per sample: {p['logits_per_sample']}"
         )
+        if available is not None and mem["total"] > available:
+            console.print(
+                f"  [bold red]warning[/]: the estimate exceeds the {available:.0f} GiB of a "
+                f"device ({source}): shard more (trainer.strategy), turn on "
+                "trainer.activation_checkpointing, or lower the batch size"
+            )
+        if p["data"]:
+            console.print(format_reports(p["stage"], p["max_length"], p["data"]))
+        else:
+            console.print("  data: not found here (vlmtrain inspect-data once it is)")

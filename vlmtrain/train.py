@@ -45,6 +45,7 @@ from vlmtrain.data.fingerprint import data_fingerprints
 from vlmtrain.data.images import ImageLimits, ImageProcessor
 from vlmtrain.data.module import StageDataModule
 from vlmtrain.data.quality import DataQuality
+from vlmtrain.hardware import check_strategy
 from vlmtrain.loggers import build_logger, log_location
 from vlmtrain.model.freezing import apply_trainable, parameter_table
 from vlmtrain.model.lm import load_tokenizer
@@ -209,6 +210,7 @@ def build_trainer(
     fresh_start: bool = False,
 ) -> L.Trainer:
     stage = cfg.stage
+    check_strategy(cfg.trainer.strategy)
     callbacks: list[Callback] = [
         StageClock(),
         LastMetrics(),
