@@ -146,6 +146,21 @@ class OptimConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """objective=preference: weighted loss terms against a reference model
+    (vlmtrain.objectives.preference). MPO: terms {sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}."""
+
+    terms: dict[str, float] = field(default_factory=lambda: {"sigmoid": 1.0})
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # e of conservative (and optionally sigmoid) / robust DPO
+    # Log-probs of a completion: summed over its tokens ("auto": per-token mean for ipo only).
+    logps: str = "auto"
+    # copy (frozen copy of the starting weights) | disabled_adapter (LoRA policy with its
+    # adapters off) | precomputed (cached on disk before training) | none (sft term only)
+    reference: str = "copy"
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     objective: str = "next_token"
@@ -173,6 +188,7 @@ class StageConfig:
     # Held-out splits evaluated (greedy generation, exact match) when the stage ends.
     eval_splits: list[str] = field(default_factory=list)
     eval_limit: int | None = None  # samples per split; None = all
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
 # --------------------------------------------------------------------------- trainer
