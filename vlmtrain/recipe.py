@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlmtrain.config import COMPONENTS
+from vlmtrain.objectives.registry import objective_for
 
 console = Console()
 
@@ -86,6 +87,8 @@ def run_recipe(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
 
     stages = stage_list(cfg)
     check_order(stages, run_dir)
+    for name, stage in stages:  # a bad last stage fails before the first one trains
+        objective_for(stage.objective).check(stage_config(cfg, name, stage))
     rows = []
     for name, stage in stages:
         scfg = stage_config(cfg, name, stage)

@@ -32,17 +32,15 @@ from vlmtrain.config import COMPONENTS, schema_defaults
 from vlmtrain.data.chat import check_chat_template
 from vlmtrain.data.encode import SampleEncoder
 from vlmtrain.data.images import ImageProcessor
-from vlmtrain.data.module import StageDataModule
 from vlmtrain.loggers import build_logger
 from vlmtrain.model.freezing import apply_trainable, parameter_table
 from vlmtrain.model.lm import load_tokenizer
 from vlmtrain.model.vision import build_image_processor
 from vlmtrain.model.vlm import VisionLanguageModel
-from vlmtrain.objectives.next_token import NextTokenModule
+from vlmtrain.objectives.registry import objective_for
 from vlmtrain.runtime import keep_freed_memory
 
 console = Console()
-OBJECTIVES = {"next_token": NextTokenModule}
 
 
 def prepare_data(cfg: DictConfig) -> None:
@@ -221,6 +219,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
         evaluate_if_asked(cfg, artifact_dir, stage_dir)
         return artifact_dir
 
+    objective = objective_for(stage.objective)
+    objective.check(cfg)  # before any data or model work
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -233,8 +233,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
         model.enable_activation_checkpointing()
     _print_start(stage, model, init)
 
-    datamodule = StageDataModule(cfg.data, stage, make_encoder(cfg, model, tokenizer), cfg.seed)
-    module = OBJECTIVES[stage.objective](model, stage)
+    encoder = make_encoder(cfg, model, tokenizer)
+    module, datamodule = objective.build(cfg, model, tokenizer, encoder, stage_dir)
 
     trainer = build_trainer(cfg, stage_dir)
     ckpt_dir = stage_dir / "checkpoints"
