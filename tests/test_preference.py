@@ -258,7 +258,7 @@ def test_precomputed_cache_is_reused_and_invalidated(compose, shapes_root, tmp_p
     records[0]["chosen"] = "a large green circle."
     (data / "pref_train.json").write_text(json.dumps(records))
     changed, out = run(seed=1)
-    assert "stale (data.pref changed)" in out
+    assert "stale (data.pref.train changed)" in out
     key = f"pref/{records[0]['id']}"
     assert not torch.equal(changed[key], first[key])
     _, out = run(seed=1, max_length=100)

@@ -71,9 +71,12 @@ class PreferenceModule(StageModule):
 
     def precompute(self, datamodule) -> PrecomputedReference:
         trainer = self._trainer
-        train_set = datamodule.train_set
-        files = {
-            n: str(datamodule.datasets[n].train) for n, w in self.stage.mixture.items() if w > 0
+        sets = [datamodule.train_set] + ([datamodule.val_set] if datamodule.val_set else [])
+        files = {  # the val files too when the stage validates (its pairs are looked up)
+            f"{n}.{split}": str(getattr(datamodule.datasets[n], split))
+            for n, w in self.stage.mixture.items()
+            if w > 0
+            for split in ("train", "val")[: len(sets)]
         }
         key = cache_key(self.model, self.encoder, files)
         device = trainer.strategy.root_device if trainer else torch.device("cpu")
@@ -81,7 +84,7 @@ class PreferenceModule(StageModule):
 
         def compute():
             return compute_table(
-                self.model, train_set, datamodule.collate, self.stage.batch_size, device
+                self.model, sets, datamodule.collate, self.stage.batch_size, device
             )
 
         if trainer is None or trainer.is_global_zero:
@@ -222,6 +225,26 @@ class PreferenceModule(StageModule):
         for logger in self.loggers:
             logger.log_metrics(row, step=step)
         return loss
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict, batch_idx: int):
+        with torch.no_grad():
+            _, metrics = self.step_loss(batch, backward=False)
+        self._val.append((batch["input_ids"].shape[0], metrics))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val: list[tuple[int, dict[str, float]]] = []
+
+    def on_validation_epoch_end(self) -> None:
+        """Pair-weighted means over the validation batches (each already over all ranks)."""
+        if not self._val:
+            return
+        n = sum(b for b, _ in self._val)
+        mean = {k: sum(b * m[k] for b, m in self._val) / n for k in self._val[0][1]}
+        loss = sum(self.terms.weights[t] * mean[t] for t in self.terms.weights)
+        self.log("val/loss", loss, prog_bar=True, batch_size=1)
+        for k in ("rewards/accuracies", "rewards/margins"):
+            self.log(f"val/{k}", mean[k], batch_size=1)
 
     # ------------------------------------------------------------- checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -163,29 +163,33 @@ def stale_parts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 @torch.no_grad()
-def compute_table(model, train_set, collate, batch_size: int, device) -> dict[str, torch.Tensor]:
-    """Reference log-probs of every distinct pair of the mixture, with ``model`` as it is."""
+def compute_table(model, mixtures, collate, batch_size: int, device) -> dict[str, torch.Tensor]:
+    """Reference log-probs of every distinct pair of the mixtures (train, and val when the
+    stage validates), with ``model`` as it is."""
     was_training = model.training
     model.eval()
-    keys = sorted(set(train_set.index))
+    keys = sorted({(m, key) for m, mixture in enumerate(mixtures) for key in mixture.index})
     table: dict[str, torch.Tensor] = {}
     for lo in range(0, len(keys), batch_size):
         chunk = keys[lo : lo + batch_size]
         batch = collate(
-            [{**train_set.encode(train_set.sources[n][j]), "dataset": n} for n, j in chunk]
+            [{**mixtures[m].encode(mixtures[m].sources[n][j]), "dataset": n} for m, (n, j) in chunk]
         )
         mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         pixels = mb["pixel_values"]
         features = model.image_features(pixels) if pixels is not None else None
         sums, counts = pair_logps(model, mb, features)
         b = len(chunk)
-        rows = torch.stack(
-            [sums[:b], counts[:b].to(sums.dtype), sums[b:], counts[b:].to(sums.dtype)], 1
-        )
-        for (d, i), row in zip(
-            zip(batch["datasets"], batch["ids"], strict=True), rows.cpu(), strict=True
-        ):
-            table[f"{d}/{i}"] = row
+        n_c, n_r = counts[:b].to(sums.dtype), counts[b:].to(sums.dtype)
+        rows = torch.stack([sums[:b], n_c, sums[b:], n_r], 1).cpu()
+        for d, i, row in zip(batch["datasets"], batch["ids"], rows, strict=True):
+            key = f"{d}/{i}"
+            if key in table and not torch.equal(table[key], row):
+                raise ValueError(
+                    f"pair id {i!r} of dataset {d!r} names two different pairs (train and val "
+                    "files?); reference=precomputed needs ids unique across them"
+                )
+            table[key] = row
     model.train(was_training)
     return table
 
