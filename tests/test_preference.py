@@ -263,3 +263,57 @@ def test_precomputed_cache_is_reused_and_invalidated(compose, shapes_root, tmp_p
     assert not torch.equal(changed[key], first[key])
     _, out = run(seed=1, max_length=100)
     assert "stale (encoding.max_length changed)" in out
+
+
+# ---------------------------------------------------------------------------- eval
+def test_hallucination_rate_counts_objects_not_in_the_image():
+    from vlmtrain.eval.preference_eval import hallucination_rate
+
+    objects = [[{"colour": "red", "shape": "square"}], [{"colour": "green", "shape": "circle"}]]
+    captions = ["a small red square and a large blue circle.", "a large green circle."]
+    r = hallucination_rate(captions, objects)
+    # 3 objects named, 1 absent (blue circle); 1 of 2 captions names one.
+    assert r["object_rate"] == pytest.approx(1 / 3) and r["caption_rate"] == 0.5
+
+
+def test_preference_accuracy_matches_pair_by_pair(compose, shapes_root):
+    from vlmtrain.eval.preference_eval import preference_accuracy
+    from vlmtrain.objectives.reference import pair_logps
+
+    cfg, model, tokenizer, encoder = setup_stage(compose, "stage=dpo")
+    model.eval()
+    path = shapes_root / "pref_test.json"
+    got = preference_accuracy(model, tokenizer, encoder.images, "<image>", path, batch_size=7)
+    wins = []
+    for i in range(len(load_pairs(path))):
+        b = pair_batch_at(encoder, path, i)
+        with torch.no_grad():
+            logps, _ = pair_logps(model, b, model.image_features(b["pixel_values"]))
+        wins.append(bool(logps[0] > logps[1]))
+    assert got["overall"]["accuracy"] == pytest.approx(sum(wins) / len(wins))
+    assert set(got["per_type"]) >= {"colour", "count"}
+
+
+def pair_batch_at(encoder, path, i):
+    pair = load_pairs(path)[i]
+    return collate_pairs([PairEncoder(encoder)(pair)], encoder.tokenizer.pad_token_id)
+
+
+# ---------------------------------------------------------------------------- plan
+def test_plan_counts_the_reference_per_kind(compose):
+    from vlmtrain.plan import plan_recipe
+
+    def dpo_memory(*overrides):
+        plans = plan_recipe(compose("recipe=tiny_dpo", *overrides))
+        assert [p["stage"] for p in plans] == ["lm_pretrain", "align", "sft", "dpo"]
+        return plans[-1]["memory_gib_per_device"], plans[-2]["memory_gib_per_device"]
+
+    copy, sft = dpo_memory()
+    assert copy["reference"] == pytest.approx(copy["weights"])
+    lora = ("stages.dpo.lora.enabled=true", "stages.dpo.trainable.projector=false")
+    adapter, _ = dpo_memory(*lora, "stages.dpo.preference.reference=disabled_adapter")
+    precomputed, _ = dpo_memory("stages.dpo.preference.reference=precomputed")
+    assert adapter["reference"] == 0 and precomputed["reference"] == 0
+    assert copy["total"] - precomputed["total"] == pytest.approx(copy["weights"])
+    with pytest.raises(ValueError, match=r"stage 'dpo'.*stage\.lora\.enabled"):
+        dpo_memory("stages.dpo.preference.reference=disabled_adapter")

@@ -258,7 +258,10 @@ class PreferenceModule(StageModule):
 
 
 def _check(cfg) -> None:
-    check_terms(cfg.stage.preference, cfg.stage.lora.enabled, cfg.stage.trainable)
+    try:
+        check_terms(cfg.stage.preference, cfg.stage.lora.enabled, cfg.stage.trainable)
+    except ValueError as e:  # in a recipe the keys are stages.<name>.*
+        raise ValueError(f"stage {cfg.stage.name!r}: {e}") from None
 
 
 def _build(cfg, model, tokenizer, encoder, stage_dir):
