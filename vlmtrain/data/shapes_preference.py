@@ -56,13 +56,11 @@ def _hallucinated_caption(
         colour, shape = rng.choice(absent)
         x, y = rng.randint(0, 60), rng.randint(0, 60)
         return caption_of([*objs, Obj(colour, shape, rng.choice(SIZES), x, y, 0)])
-    k = rng.randrange(len(objs))
+    k, options = rng.choice(_swaps(objs, kind, allowed))
     o = objs[k]
     if kind == "caption_colour":
-        options = [c for c, s in absent if s == o.shape]
         new = Obj(rng.choice(options), o.shape, o.size, o.x0, o.y0, o.side)
     else:
-        options = [s for c, s in absent if c == o.colour]
         new = Obj(o.colour, rng.choice(options), o.size, o.x0, o.y0, o.side)
     return caption_of([*objs[:k], new, *objs[k + 1 :]])
 
@@ -78,7 +76,7 @@ def build_pairs(
         pairs.append((rec, rec["type"], rec["answer"], _wrong_answer(rng, rec, cfg)))
     for rec in json.loads((root / f"caption_{split}.json").read_text())[:n_caption]:
         objs = _objects(rec)
-        kinds = [k for k in CAPTION_KINDS if k == "caption_absent" or _has_swap(objs, k, allowed)]
+        kinds = [k for k in CAPTION_KINDS if k == "caption_absent" or _swaps(objs, k, allowed)]
         kind = rng.choice(kinds)
         pairs.append((rec, kind, rec["answer"], _hallucinated_caption(rng, objs, kind, allowed)))
     rng.shuffle(pairs)
@@ -96,15 +94,22 @@ def build_pairs(
     ]
 
 
-def _has_swap(objs: list[Obj], kind: str, allowed: list[tuple[str, str]]) -> bool:
+def _swaps(objs: list[Obj], kind: str, allowed: list[tuple[str, str]]) -> list[tuple[int, list]]:
+    """(object index, the colours or shapes it can take) making a pair absent from the image."""
     present = {o.pair for o in objs}
-    if kind == "caption_colour":
-        return any(
-            (c, o.shape) in allowed and (c, o.shape) not in present for o in objs for c in COLOURS
-        )
-    return any(
-        (o.colour, s) in allowed and (o.colour, s) not in present for o in objs for s in SHAPES
-    )
+    out = []
+    for k, o in enumerate(objs):
+        if kind == "caption_colour":
+            options = [
+                c for c in COLOURS if (c, o.shape) in allowed and (c, o.shape) not in present
+            ]
+        else:
+            options = [
+                s for s in SHAPES if (o.colour, s) in allowed and (o.colour, s) not in present
+            ]
+        if options:
+            out.append((k, options))
+    return out
 
 
 def ensure_preference_pairs(root: str | Path, cfg: ShapesConfig) -> None:
