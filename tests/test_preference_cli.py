@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 from test_cli import base_args, losses, vlmtrain
 
@@ -46,3 +47,28 @@ def test_mpo_stage_is_killed_and_resumes_exactly(shapes_root, tmp_path):
     assert rows[-1]["perf/tokens_per_s"]
     assert float(rows[-1]["train/rewards/chosen"]) != 0.0, "the policy never left its reference"
     assert (stage_dir / "artifact" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(shapes_root, tmp_path):
+    """Two gloo ranks with a precomputed reference (rank 0 writes it, rank 1 waits and
+    reads it) log the losses and rewards of one process taking the same pairs per step."""
+    args = [
+        *base_args(shapes_root, tmp_path),
+        "stage=mpo",
+        "stage.max_steps=3",
+        "stage.preference.reference=precomputed",
+        "stage.batch_size=4",
+    ]
+    vlmtrain([*args, "run_name=ddp", "trainer=ddp_cpu", "stage.accumulate=1"], cwd=tmp_path)
+    vlmtrain([*args, "run_name=one", "stage.accumulate=2"], cwd=tmp_path)
+
+    def rows(run):
+        with (tmp_path / run / "mpo" / "logs" / "csv" / "metrics.csv").open() as f:
+            return [r for r in csv.DictReader(f) if r.get("train/loss")]
+
+    ddp, one = rows("ddp"), rows("one")
+    assert len(ddp) == len(one) == 3
+    for a, b in zip(ddp, one, strict=True):
+        for key in ("train/loss", "train/loss_bco_pair", "train/rewards/margins"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key
