@@ -304,16 +304,20 @@ def test_plan_counts_the_reference_per_kind(compose):
     from vlmtrain.plan import plan_recipe
 
     def dpo_memory(*overrides):
-        plans = plan_recipe(compose("recipe=tiny_dpo", *overrides))
-        assert [p["stage"] for p in plans] == ["lm_pretrain", "align", "sft", "dpo"]
+        plans = plan_recipe(compose("recipe=tiny_preference", *overrides))
+        assert [p["stage"] for p in plans] == ["lm_pretrain", "align", "sft", "mpo"]
         return plans[-1]["memory_gib_per_device"], plans[-2]["memory_gib_per_device"]
 
     copy, sft = dpo_memory()
     assert copy["reference"] == pytest.approx(copy["weights"])
-    lora = ("stages.dpo.lora.enabled=true", "stages.dpo.trainable.projector=false")
-    adapter, _ = dpo_memory(*lora, "stages.dpo.preference.reference=disabled_adapter")
-    precomputed, _ = dpo_memory("stages.dpo.preference.reference=precomputed")
+    lora = (
+        "stages.mpo.lora.enabled=true",
+        "stages.mpo.trainable.projector=false",
+        "stages.mpo.trainable.vision=false",
+    )
+    adapter, _ = dpo_memory(*lora, "stages.mpo.preference.reference=disabled_adapter")
+    precomputed, _ = dpo_memory("stages.mpo.preference.reference=precomputed")
     assert adapter["reference"] == 0 and precomputed["reference"] == 0
     assert copy["total"] - precomputed["total"] == pytest.approx(copy["weights"])
-    with pytest.raises(ValueError, match=r"stage 'dpo'.*stage\.lora\.enabled"):
-        dpo_memory("stages.dpo.preference.reference=disabled_adapter")
+    with pytest.raises(ValueError, match=r"stage 'mpo'.*stage\.lora\.enabled"):
+        dpo_memory("stages.mpo.preference.reference=disabled_adapter")
