@@ -181,7 +181,7 @@ class PreferenceModule(StageModule):
             torch.tensor([sums[n] for n in names], dtype=torch.float64, device=self.device)
         )
         metrics = dict(zip(names, summed.tolist(), strict=True))
-        if "bco_pair" in self.terms.weights:
+        if backward and "bco_pair" in self.terms.weights:  # training steps only, not validation
             self.reward_mean.update(metrics["bco_rewards"], 2 * int(step_pairs))
         del metrics["bco_rewards"]
         loss = sum(self.terms.weights[t] * metrics[t] for t in self.terms.weights)
