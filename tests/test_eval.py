@@ -165,7 +165,13 @@ def test_cli_writes_json_and_markdown(compose, shapes_root, tmp_path, capsys):
     assert eval_main([str(artifact), "--data-root", str(shapes_root), "--limit", "6"]) == 0
     out_dir = tmp_path / "run" / "sft" / "eval-cli"  # the default: next to the artifact
     results = json.loads((out_dir / "eval.json").read_text())
-    assert set(results) == {"test", "caption_test", "test_unseen", "caption_test_unseen"}
+    assert set(results) == {"test", "caption_test", "test_unseen", "caption_test_unseen"} | {
+        "preference_test",  # held-out pairs (pref_test.json; test_unseen has none)
+        "hallucination_test",
+        "hallucination_test_unseen",
+    }
+    assert results["preference_test"]["overall"]["n"] == 6
+    assert "## Caption hallucination" in (out_dir / "eval.md").read_text()
     acc = results["test"]["overall"]["accuracy"]
     assert isinstance(acc, float) and 0.0 <= acc <= 1.0 and results["test"]["overall"]["n"] == 6
     assert results["caption_test"]["per_type"]["caption"]["chance"] is None

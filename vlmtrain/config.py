@@ -160,6 +160,21 @@ class OptimConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """objective=preference: weighted loss terms against a reference model
+    (vlmtrain.objectives.preference). MPO: terms {sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}."""
+
+    terms: dict[str, float] = field(default_factory=lambda: {"sigmoid": 1.0})
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # e of conservative (and optionally sigmoid) / robust DPO
+    # Log-probs of a completion: summed over its tokens ("auto": per-token mean for ipo only).
+    logps: str = "auto"
+    # copy (frozen copy of the starting weights) | disabled_adapter (LoRA policy with its
+    # adapters off) | precomputed (cached on disk before training) | none (sft term only)
+    reference: str = "copy"
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     objective: str = "next_token"
@@ -197,6 +212,7 @@ class StageConfig:
     # against ModelConfig when the recipe starts (vlmtrain.composition.effective_model);
     # typed Any because a structured value would fill every field with its default.
     model: dict[str, Any] = field(default_factory=dict)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
 # --------------------------------------------------------------------------- trainer

@@ -18,6 +18,7 @@ from vlmtrain.composition import check_handoffs, describe_model
 from vlmtrain.hardware import check_strategy, device_memory_gib
 from vlmtrain.model.freezing import apply_trainable, parameter_counts
 from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.objectives.registry import objective_for
 from vlmtrain.recipe import check_order, stage_config, stage_list
 
 console = Console()
@@ -74,7 +75,9 @@ def estimate_memory(
         return tokens * hidden * layers * act_b
 
     lm_cfg = model.language_model.config
-    tokens = stage.batch_size * stage.max_length
+    objective = objective_for(stage.objective)
+    # A preference pair runs two sequences through the LM (its image once).
+    tokens = stage.batch_size * stage.max_length * objective.sequences_per_sample
     activations = 0.0
     if trainable:
         activations += kept(tokens, lm_cfg.hidden_size, lm_cfg.num_hidden_layers)
@@ -87,13 +90,15 @@ def estimate_memory(
         activations += kept(
             stage.batch_size * spec.tokens_per_image, v.hidden_size, v.num_hidden_layers
         )
+    extra = objective.extra_memory(cfg, counts, weight_b)  # e.g. a reference model
     gib = 2**30
     return {
         "weights": weights / gib,
         "grads": grads / gib,
         "optimizer": optim / gib,
         "activations": activations / gib,
-        "total": (weights + grads + optim + activations) / gib,
+        **{name: b / gib for name, b in extra.items()},
+        "total": (weights + grads + optim + activations + sum(extra.values())) / gib,
     }
 
 
@@ -115,6 +120,7 @@ def describe_init(cfg: DictConfig) -> dict[str, str]:
 
 def plan_stage(cfg: DictConfig) -> dict[str, Any]:
     check_strategy(cfg.trainer.strategy)
+    objective_for(cfg.stage.objective).check(cfg)
     init = describe_init(cfg)
     tokenizer = _tokenizer_or_none(cfg)
     model = VisionLanguageModel.build(cfg.model, tokenizer, device="meta")
@@ -203,6 +209,11 @@ def print_plan(plans: list[dict[str, Any]], cfg: DictConfig) -> None:
             f"  memory per device (estimate at max_length, activation checkpointing "
             f"{'on' if cfg.trainer.activation_checkpointing else 'off'}): {mem['total']:.1f} GiB = weights {mem['weights']:.1f} "
             f"+ grads {mem['grads']:.1f} + optimizer {mem['optimizer']:.1f} + activations {mem['activations']:.1f}"
+            + "".join(
+                f" + {k} {v:.1f}"
+                for k, v in mem.items()
+                if k not in ("weights", "grads", "optimizer", "activations", "total")
+            )
             f"\n  logits per sample: {p['logits_per_sample']}"
         )
         if available is not None and mem["total"] > available:

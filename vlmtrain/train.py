@@ -43,7 +43,6 @@ from vlmtrain.data.chat import check_chat_template
 from vlmtrain.data.encode import SampleEncoder
 from vlmtrain.data.fingerprint import data_fingerprints
 from vlmtrain.data.images import ImageLimits, ImageProcessor
-from vlmtrain.data.module import StageDataModule
 from vlmtrain.data.quality import DataQuality
 from vlmtrain.hardware import check_strategy
 from vlmtrain.loggers import build_logger, log_location
@@ -51,7 +50,7 @@ from vlmtrain.model.freezing import apply_trainable, parameter_table
 from vlmtrain.model.lm import load_tokenizer
 from vlmtrain.model.vision import build_image_processor
 from vlmtrain.model.vlm import VisionLanguageModel
-from vlmtrain.objectives.next_token import NextTokenModule
+from vlmtrain.objectives.registry import objective_for
 from vlmtrain.records import (
     current_evaluation,
     mark_evaluated,
@@ -62,7 +61,6 @@ from vlmtrain.records import (
 from vlmtrain.runtime import keep_freed_memory
 
 console = Console()
-OBJECTIVES = {"next_token": NextTokenModule}
 
 
 def prepare_data(cfg: DictConfig) -> None:
@@ -271,6 +269,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     init = resolve_init(stage, cfg.model, run_dir)
     check_frozen_fresh(stage, init)
+    objective = objective_for(stage.objective)
+    objective.check(cfg)  # before any data or model work
     prepare_data(cfg)
     # A stage is "the same" when its config, the artifacts it starts from and its data are.
     sources = {k: read_manifest(v)["config_hash"] for k, v in init.items() if isinstance(v, Path)}
@@ -318,8 +318,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
         model.enable_activation_checkpointing()
     _print_start(stage, model, init)
 
-    datamodule = StageDataModule(cfg.data, stage, make_encoder(cfg, model, tokenizer), cfg.seed)
-    module = OBJECTIVES[stage.objective](model, stage)
+    encoder = make_encoder(cfg, model, tokenizer)
+    module, datamodule = objective.build(cfg, model, tokenizer, encoder, stage_dir)
 
     trainer = build_trainer(
         cfg, stage_dir, CheckpointRecord(hashed, digest), fresh_start=chosen is None

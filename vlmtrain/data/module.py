@@ -23,6 +23,9 @@ from vlmtrain.data.samples import load_samples
 
 
 class StageDataModule(L.LightningDataModule):
+    # Reads one data file into samples ``encoder`` takes (an objective may read its own).
+    read = staticmethod(load_samples)
+
     def __init__(self, data: DataConfig, stage: StageConfig, encoder: SampleEncoder, seed: int):
         super().__init__()
         self.data = data
@@ -47,7 +50,7 @@ class StageDataModule(L.LightningDataModule):
             if weight > 0:
                 if path is None:
                     return None
-                sources[name] = load_samples(path)
+                sources[name] = self.read(path)
         return MixtureDataset(
             sources,
             self.stage.mixture,

@@ -324,7 +324,11 @@ def _generate(out: Path, cfg: ShapesConfig, replace: bool) -> Path:
 
 def generate_shapes(out_dir: str | Path, cfg: ShapesConfig = ShapesConfig()) -> Path:
     """(Re)generate the dataset in `out_dir`, atomically: temp sibling dir, then rename."""
-    return _generate(Path(out_dir), cfg, replace=True)
+    from vlmtrain.data.shapes_preference import ensure_preference_pairs
+
+    out = _generate(Path(out_dir), cfg, replace=True)
+    ensure_preference_pairs(out, cfg)
+    return out
 
 
 def _matches(out: Path, cfg: ShapesConfig) -> bool:
@@ -344,10 +348,13 @@ def _matches(out: Path, cfg: ShapesConfig) -> bool:
 
 def ensure_shapes(out_dir: str | Path, cfg: ShapesConfig = ShapesConfig()) -> Path:
     """Generate unless `out_dir` already holds the dataset for exactly this config."""
+    from vlmtrain.data.shapes_preference import ensure_preference_pairs
+
     out = Path(out_dir)
     if not _matches(out, cfg):
         _generate(out, cfg, replace=False)
         _matches(out, cfg)  # raises if a concurrent writer used another config
+    ensure_preference_pairs(out, cfg)
     return out
 
 

@@ -17,6 +17,8 @@ def format_table(results: dict[str, Any]) -> str:
     """Markdown table: one row per (split, question type), then the split's overall row."""
     lines = ["| split | type | accuracy | chance | n |", "|---|---|---:|---:|---:|"]
     for split, res in results.items():
+        if "per_type" not in res:  # e.g. hallucination rates: their own table
+            continue
         for qtype, row in res["per_type"].items():
             lines.append(
                 f"| {split} | {qtype} | {_pct(row['accuracy'])} | {_pct(row['chance'])} | {row['n']} |"
@@ -41,7 +43,11 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
             examples.append(
                 f"- {split} `{ex['id']}`: {ex['question']!r} → {ex['prediction']!r} (expected {ex['answer']!r})"
             )
+    from vlmtrain.eval.preference_eval import format_hallucination
+
     body = "# Evaluation\n\n" + format_table(results)
+    if hallucination := format_hallucination(results):
+        body += "\n## Caption hallucination\n\n" + hallucination
     if examples:
         body += "\n## Examples\n\n" + "\n".join(examples) + "\n"
     atomic_write_text(md_path, body)

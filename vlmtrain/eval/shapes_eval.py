@@ -235,4 +235,12 @@ def evaluate_artifact(
                         limit=limit,
                         chance=chance,
                     )
+        from vlmtrain.eval.preference_eval import preference_results
+
+        # Held-out preference accuracy and caption hallucination, where the data has them.
+        results.update(
+            preference_results(
+                model, tokenizer, processor, model_cfg, data_root, splits, limit, batch_size
+            )
+        )
     return results

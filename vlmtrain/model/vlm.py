@@ -98,15 +98,23 @@ class VisionLanguageModel(nn.Module):
         """(num_images, tokens_per_image, d_lm)"""
         return self.multi_modal_projector(self.vision_tower(pixel_values))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features at the image positions: computed from
+        ``pixel_values``, or given (``image_features``, e.g. one image's features shared by
+        the chosen and rejected answers of a preference pair)."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
         n_positions = int(is_image.sum())
-        if pixel_values is None or pixel_values.numel() == 0:
+        if image_features is None and (pixel_values is None or pixel_values.numel() == 0):
             if n_positions:
                 raise ValueError(f"batch has {n_positions} image positions but no images")
             return embeds
-        features = self.image_features(pixel_values)
+        features = self.image_features(pixel_values) if image_features is None else image_features
         features = features.reshape(-1, features.shape[-1])
         if n_positions != features.shape[0]:
             # The data pipeline checks this per sample; reaching here means a caller bypassed it.
@@ -123,6 +131,7 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The LM logits: (B, L, V), or (N, V) at the N positions where the boolean
         (B, L) mask ``logits_at`` is set.
@@ -132,7 +141,7 @@ class VisionLanguageModel(nn.Module):
         are. Skipping the rest saves the LM head's compute and, with a real
         vocabulary, most of the activation memory.
         """
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_features)
         kwargs = dict(
             inputs_embeds=embeds,
             attention_mask=attention_mask,

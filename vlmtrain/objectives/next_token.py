@@ -9,19 +9,16 @@ batch is split never changes the loss or the gradient.
 
 from __future__ import annotations
 
-import random
 import time
 
-import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.lr_scheduler import LambdaLR
 
 from vlmtrain.config import StageConfig
 from vlmtrain.data.chat import IGNORE_INDEX
 from vlmtrain.model.vlm import VisionLanguageModel
-from vlmtrain.objectives.optim import build_optimizer, param_groups, warmup_cosine
+from vlmtrain.objectives.common import StageModule
+from vlmtrain.objectives.registry import Objective
 
 # stage.loss_reduction -> exponent p: a token of a sample with x supervised tokens weighs x^-p.
 REDUCTION_EXPONENTS = {"token": 0.0, "square": 0.5, "sample": 1.0}
@@ -92,6 +89,7 @@ def micro_batches(batch: dict, size: int):
             pixels = pixels[image_start[lo] : image_start[hi]]
             pixels = pixels if pixels.shape[0] else None
         yield {
+            "ids": batch.get("ids", [None] * n)[lo:hi],
             "datasets": batch.get("datasets", [None] * n)[lo:hi],
             "input_ids": batch["input_ids"][lo:hi],
             "labels": batch["labels"][lo:hi],
@@ -100,32 +98,15 @@ def micro_batches(batch: dict, size: int):
         }
 
 
-class NextTokenModule(L.LightningModule):
+class NextTokenModule(StageModule):
     def __init__(self, model: VisionLanguageModel, stage: StageConfig):
-        super().__init__()
-        self.model = model
-        self.stage = stage
-        self.automatic_optimization = False
+        super().__init__(model, stage)
         self._last_step_end: float | None = None
         self._val_sums: list[torch.Tensor] = []
-        self.tokens_seen = 0  # non-padding tokens (text + image) over all ranks
         self.exponent = reduction_exponent(stage.loss_reduction)
         # Per-dataset training loss, logged beside the total: which source is stuck.
         names = sorted(n for n, w in stage.mixture.items() if w > 0)
         self.dataset_index = {name: k for k, name in enumerate(names)}
-
-    # ------------------------------------------------------------------ optimization
-    def configure_optimizers(self):
-        groups = param_groups(self.model.components(), self.stage.optim, self.stage.trainable)
-        optimizer = build_optimizer(groups, self.stage.optim)
-        factor = warmup_cosine(
-            self.stage.max_steps, self.stage.optim.warmup_ratio, self.stage.optim.min_lr_ratio
-        )
-        scheduler = LambdaLR(optimizer, factor)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
     def training_step(self, batch: dict, batch_idx: int):
         step = self.global_step  # one batch is one optimizer step: Lightning's logging step
@@ -166,17 +147,7 @@ class NextTokenModule(L.LightningModule):
             loss_sum += mb_loss.detach()
             self._add_by_dataset(by_dataset, mb, per_sample.detach())
 
-        if self.global_step == 0:
-            self._check_every_trainable_has_grad()
-        if self.stage.optim.grad_clip:
-            self.clip_gradients(
-                optimizer,
-                gradient_clip_val=self.stage.optim.grad_clip,
-                gradient_clip_algorithm="norm",
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        self.finish_step(optimizer, scheduler)
 
         loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum") / step_weight
         self.tokens_seen += int(all_tokens)
@@ -192,32 +163,6 @@ class NextTokenModule(L.LightningModule):
         weights = token_weights(mb["labels"], self.exponent).sum(1)
         parts = torch.stack([per_sample, weights])[:, known].to(by_dataset.dtype)
         by_dataset.index_add_(1, columns[known], parts)
-
-    def _touch_image_path(self) -> torch.Tensor:
-        """A rank whose batch holds no image must still produce gradients (zeros) for the
-        trainable vision/projector parameters, or DDP waits forever for them."""
-        if not any(
-            p.requires_grad
-            for m in (self.model.vision_tower, self.model.multi_modal_projector)
-            for p in m.parameters()
-        ):
-            return torch.zeros((), device=self.device)
-        spec = self.model.vision_spec
-        dummy = torch.zeros(1, 3, spec.image_size, spec.image_size, device=self.device)
-        return 0.0 * self.model.image_features(dummy).sum()
-
-    def _check_every_trainable_has_grad(self) -> None:
-        missing = [
-            n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None
-        ]
-        if missing:
-            shown = ", ".join(missing[:10]) + (
-                f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-            )
-            raise RuntimeError(
-                f"{len(missing)} trainable parameters got no gradient at the first step: {shown}. "
-                "Freeze them (stage.trainable) or check the forward path."
-            )
 
     def _log_step(
         self,
@@ -282,28 +227,13 @@ class NextTokenModule(L.LightningModule):
         self._val_sums.clear()
         self.log("val/loss", total[0] / total[1], prog_bar=True, batch_size=1)
 
-    # ---------------------------------------------------- RNG state, for exact resume
-    # Stored as tensors and plain Python values so checkpoints load with weights_only=True.
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["vlmtrain_rng"] = {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": [
-                kind,
-                torch.from_numpy(keys.astype(np.int64)),
-                int(pos),
-                int(has_gauss),
-                float(gauss),
-            ],
-        }
-        checkpoint["vlmtrain_tokens_seen"] = self.tokens_seen
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.tokens_seen = checkpoint.get("vlmtrain_tokens_seen", 0)
-        rng = checkpoint.get("vlmtrain_rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            kind, keys, pos, has_gauss, gauss = rng["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+def _build(cfg, model: VisionLanguageModel, tokenizer, encoder, stage_dir):
+    from vlmtrain.data.module import StageDataModule
+
+    return NextTokenModule(model, cfg.stage), StageDataModule(
+        cfg.data, cfg.stage, encoder, cfg.seed
+    )
+
+
+OBJECTIVE = Objective(build=_build)

@@ -1,0 +1,126 @@
+"""What every objective's LightningModule shares: the optimizer and its step, the
+first-step gradient check, the image path a text-only DDP rank must still touch,
+RNG state in checkpoints for exact resume, and log-probs of completions.
+
+Objectives use manual optimization: one dataloader batch is one optimizer step
+for this rank, split into micro-batches by the objective, each loss scaled by a
+normalizer over the whole step (all micro-batches and ranks).
+"""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from vlmtrain.config import StageConfig
+from vlmtrain.data.chat import IGNORE_INDEX
+from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.objectives.optim import build_optimizer, param_groups, warmup_cosine
+
+
+def completion_logps(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) summed log-probs of each sequence's supervised tokens, and (B,) their counts.
+
+    ``logits`` are (N, V) at the positions predicting a supervised token (the model's
+    ``logits_at=supervised_positions(labels)``), in row-major order."""
+    at = labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:][at]
+    token_logps = torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
+    rows = at.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=logits.device)
+    return sums.index_add(0, rows, token_logps), at.sum(1)
+
+
+class StageModule(L.LightningModule):
+    """Base of the objectives' LightningModules (manual optimization)."""
+
+    def __init__(self, model: VisionLanguageModel, stage: StageConfig):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+        self.automatic_optimization = False
+        self.tokens_seen = 0  # non-padding tokens (text + image) over all ranks
+
+    def configure_optimizers(self):
+        groups = param_groups(self.model.components(), self.stage.optim, self.stage.trainable)
+        optimizer = build_optimizer(groups, self.stage.optim)
+        factor = warmup_cosine(
+            self.stage.max_steps, self.stage.optim.warmup_ratio, self.stage.optim.min_lr_ratio
+        )
+        scheduler = LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def finish_step(self, optimizer, scheduler) -> None:
+        """After the step's backward passes: check gradients (first step), clip, step."""
+        if self.global_step == 0:
+            self._check_every_trainable_has_grad()
+        if self.stage.optim.grad_clip:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.stage.optim.grad_clip,
+                gradient_clip_algorithm="norm",
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+    def _touch_image_path(self) -> torch.Tensor:
+        """A rank whose batch holds no image must still produce gradients (zeros) for the
+        trainable vision/projector parameters, or DDP waits forever for them."""
+        if not any(
+            p.requires_grad
+            for m in (self.model.vision_tower, self.model.multi_modal_projector)
+            for p in m.parameters()
+        ):
+            return torch.zeros((), device=self.device)
+        spec = self.model.vision_spec
+        dummy = torch.zeros(1, 3, spec.image_size, spec.image_size, device=self.device)
+        return 0.0 * self.model.image_features(dummy).sum()
+
+    def _check_every_trainable_has_grad(self) -> None:
+        missing = [
+            n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None
+        ]
+        if missing:
+            shown = ", ".join(missing[:10]) + (
+                f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            )
+            raise RuntimeError(
+                f"{len(missing)} trainable parameters got no gradient at the first step: {shown}. "
+                "Freeze them (stage.trainable) or check the forward path."
+            )
+
+    # ---------------------------------------------------- RNG state, for exact resume
+    # Stored as tensors and plain Python values so checkpoints load with weights_only=True.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["vlmtrain_rng"] = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": [
+                kind,
+                torch.from_numpy(keys.astype(np.int64)),
+                int(pos),
+                int(has_gauss),
+                float(gauss),
+            ],
+        }
+        checkpoint["vlmtrain_tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tokens_seen = checkpoint.get("vlmtrain_tokens_seen", 0)
+        rng = checkpoint.get("vlmtrain_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
