@@ -214,7 +214,7 @@ def print_plan(plans: list[dict[str, Any]], cfg: DictConfig) -> None:
                 for k, v in mem.items()
                 if k not in ("weights", "grads", "optimizer", "activations", "total")
             )
-            f"\n  logits per sample: {p['logits_per_sample']}"
+            + f"\n  logits per sample: {p['logits_per_sample']}"
         )
         if available is not None and mem["total"] > available:
             console.print(

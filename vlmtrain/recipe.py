@@ -21,10 +21,10 @@ from vlmtrain.composition import check_handoffs, describe_model, effective_model
 from vlmtrain.config import COMPONENTS
 from vlmtrain.durable import atomic_write, atomic_write_json
 from vlmtrain.eval.report import read_report
+from vlmtrain.objectives.registry import objective_for
 from vlmtrain.records import current_evaluation
 
 MANIFEST = "manifest.json"
-from vlmtrain.objectives.registry import objective_for
 
 console = Console()
 
@@ -114,7 +114,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     prepare_data(cfg)  # the tokenizers the hand-off checks compare may be generated data
     configs = [(name, stage_config(cfg, name, stage)) for name, stage in stages]
     check_handoffs(configs, run_dir)
-    for name, scfg in configs:  # a bad last stage fails before the first one trains
+    for _, scfg in configs:  # a bad last stage fails before the first one trains
         objective_for(scfg.stage.objective).check(scfg)
     rows = []
     for name, scfg in configs:
