@@ -135,3 +135,23 @@ def test_lora_adapter_is_saved_on_its_own_beside_the_merged_weights(
         )
     assert torch.allclose(got, want, atol=1e-5)
     assert plain is None or not torch.allclose(plain, want, atol=1e-3)
+
+
+def test_checkpoints_keep_the_cuda_rng_state_where_there_is_one(
+    compose, tokenizer_dir, tmp_path, monkeypatch
+):
+    from vlmtrain.objectives.next_token import NextTokenModule
+
+    cfg = compose("stage=sft")
+    _, model = build_model(cfg, resolve_init(cfg.stage, cfg.model, tmp_path))
+    module = NextTokenModule(model, cfg.stage)
+    state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    assert torch.equal(checkpoint["vlmtrain_rng"]["cuda"], state)
+    module.on_load_checkpoint(checkpoint)
+    assert len(restored) == 1 and torch.equal(restored[0], state)

@@ -114,6 +114,8 @@ class StageModule(L.LightningModule):
                 float(gauss),
             ],
         }
+        if torch.cuda.is_available():  # dropout on the GPU draws from its own generator
+            checkpoint["vlmtrain_rng"]["cuda"] = torch.cuda.get_rng_state()
         checkpoint["vlmtrain_tokens_seen"] = self.tokens_seen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -124,3 +126,5 @@ class StageModule(L.LightningModule):
             random.setstate(rng["python"])
             kind, keys, pos, has_gauss, gauss = rng["numpy"]
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
