@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from vlmtrain.artifacts import config_hash
 from vlmtrain.composition import check_handoffs
+from vlmtrain.config import ModelConfig
 from vlmtrain.model.lm import load_tokenizer
 from vlmtrain.plan import plan_recipe
 from vlmtrain.recipe import check_order, stage_config, stage_list
@@ -258,9 +259,7 @@ def test_progressive_recipe_runs_with_tiny_substitutes(shapes_root, other_tokeni
     assert n_large == 350 < n_small
     assert tok_large["source"] == str(other_tokenizer) and tok_large["vocab_size"] == n_large + 1
     assert tok_large["image_token_id"] == n_large and tok_small["image_token_id"] == n_small
-    reloaded = load_tokenizer(
-        OmegaConf.create({"tokenizer": str(large / "tokenizer"), "image_token": "<image>"})
-    )
+    reloaded = load_tokenizer(ModelConfig(tokenizer=str(large / "tokenizer")))
     assert reloaded.convert_tokens_to_ids("<image>") == n_large
 
     # The final stage evaluates with the new tokenizer: image placeholders are filled.

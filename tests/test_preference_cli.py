@@ -29,7 +29,8 @@ def test_mpo_stage_is_killed_and_resumes_exactly(shapes_root, tmp_path):
     )
     assert killed.returncode != 0, "the kill hook did not fire"
     stage_dir = tmp_path / "killed" / "mpo"
-    ckpt = torch.load(stage_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    newest = sorted((stage_dir / "checkpoints").glob("step-*.ckpt"))[-1]
+    ckpt = torch.load(newest, weights_only=True)
     assert ckpt["vlmtrain_reward_mean"]["count"] > 0
     assert not any("reference" in k for k in ckpt["state_dict"]), "the reference is not saved"
     resumed = vlmtrain([*args, "run_name=killed"], cwd=tmp_path)
