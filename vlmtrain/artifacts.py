@@ -117,10 +117,12 @@ def _lookup(tree: Any, key: str) -> Any:
     return _as_json(tree)
 
 
-def code_version() -> str:
+def code_version(describe: bool = False) -> str:
+    """The commit vlmtrain runs from (``git describe`` form: tag, commit, dirty)."""
+    command = ["git", "describe", "--always", "--dirty", "--tags"] if describe else None
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            command or ["git", "rev-parse", "HEAD"],
             capture_output=True,
             text=True,
             cwd=Path(__file__).parent,

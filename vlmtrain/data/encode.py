@@ -124,6 +124,17 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
         input_ids[i, :n] = b["input_ids"]
         labels[i, :n] = b["labels"]
         attention_mask[i, :n] = 1
+    return {
+        **batch_fields(batch),
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+    }
+
+
+def batch_fields(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """What every objective's batch carries besides its token tensors: ids, the mixture
+    dataset of each sample, data-quality flags, and the images of all samples in order."""
     pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
     return {
         "ids": [b["id"] for b in batch],
@@ -132,9 +143,6 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
         # Samples cut at max_length, and bad samples skipped to fill this batch (data.quality).
         "truncated": [bool(b.get("truncated")) for b in batch],
         "skipped": [s for b in batch for s in b.get("skipped", ())],
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
         "pixel_values": torch.cat(pixels) if pixels else None,
         "image_counts": torch.tensor(
             [0 if b["pixel_values"] is None else b["pixel_values"].shape[0] for b in batch]

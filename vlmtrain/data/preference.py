@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from vlmtrain.data.chat import labels_from_mask, render_messages, render_prompt
-from vlmtrain.data.encode import SampleEncoder, _expand
+from vlmtrain.data.encode import SampleEncoder, _expand, batch_fields
 from vlmtrain.data.module import StageDataModule
 from vlmtrain.data.samples import ROLES, DataError, read_records
 
@@ -262,20 +262,11 @@ def collate_pairs(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, A
             input_ids[i, j, :n] = b[f"{k}_input_ids"]
             labels[i, j, :n] = b[f"{k}_labels"]
             attention_mask[i, j, :n] = 1
-    pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
     return {
-        "ids": [b["id"] for b in batch],
-        "datasets": [b.get("dataset") for b in batch],
-        # Pairs cut at max_length, and bad pairs skipped to fill this batch (data.quality).
-        "truncated": [bool(b.get("truncated")) for b in batch],
-        "skipped": [s for b in batch for s in b.get("skipped", ())],
+        **batch_fields(batch),
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "pixel_values": torch.cat(pixels) if pixels else None,
-        "image_counts": torch.tensor(
-            [0 if b["pixel_values"] is None else b["pixel_values"].shape[0] for b in batch]
-        ),
     }
 
 
