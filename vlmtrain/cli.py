@@ -91,12 +91,16 @@ class _Tee(io.TextIOBase):
     """stdout that also appends to the run's log file (without terminal colour codes)."""
 
     _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+    # A live display (the progress bar) redraws itself with cursor moves and line erases:
+    # the terminal shows it, the log keeps messages only.
+    _REDRAW = re.compile(r"\x1b\[[0-9]*[AK]|\x1b\[\?25[hl]")
 
     def __init__(self, stream, log):
         self.stream, self.log = stream, log
 
     def write(self, text: str) -> int:
-        self.log.write(self._ANSI.sub("", text))
+        if not self._REDRAW.search(text):
+            self.log.write(self._ANSI.sub("", text))
         return self.stream.write(text)
 
     def flush(self) -> None:
