@@ -305,3 +305,34 @@ def load_image_processor(artifact_dir: Path, model_cfg, spec):
     if stored.is_dir():
         return image_processor_class(model_cfg.vision).from_pretrained(str(stored))
     return build_image_processor(model_cfg.vision, spec)
+
+
+def reuse_finished(source: Path, artifact_dir: Path, identity: dict, defaults: dict) -> str:
+    """Take a stage finished in another run (``start_from``) when it is the stage this
+    config would train: its files are hard-linked (copied across file systems) to
+    ``artifact_dir``. Returns what happened, for the user."""
+    if not (source / MANIFEST).is_file() or artifact_problems(source):
+        return f"nothing finished to reuse at {source}; training it here"
+    same, why = same_stage(read_manifest(source), identity, defaults)
+    if not same:
+        return f"not reused from {source}, its config differs:\n  " + "\n  ".join(why)
+    tmp = artifact_dir.with_name(artifact_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, copy_function=_link_or_copy)
+    tmp.rename(artifact_dir)
+    return f"reused from {source}"
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def set_aside_damaged(artifact_dir: Path) -> Path:
+    """A damaged artifact is kept for inspection as ``artifact.damaged``."""
+    aside = artifact_dir.with_name("artifact.damaged")
+    shutil.rmtree(aside, ignore_errors=True)
+    artifact_dir.rename(aside)
+    return aside

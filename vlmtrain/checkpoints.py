@@ -32,6 +32,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 
 from vlmtrain.durable import atomic_write, remove_partial_files
 
@@ -274,3 +275,50 @@ def check_compatible(
             + restart
         )
     return notes
+
+
+def world_size_of(trainer: DictConfig) -> int:
+    """The number of processes a trainer config asks for, before any Trainer exists."""
+    devices = trainer.devices
+    if isinstance(devices, int) and devices > 0:
+        per_node = devices
+    elif OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        per_node = len(devices)
+    elif str(devices) in ("auto", "-1") and trainer.accelerator in ("gpu", "cuda"):
+        per_node = max(torch.cuda.device_count(), 1)
+    else:
+        per_node = int(devices) if str(devices).isdigit() else 1
+    return per_node * trainer.num_nodes
+
+
+def resume_point(
+    chosen: tuple[Path, dict] | None,
+    stage_dir: Path,
+    identity: dict,
+    world_size: int,
+    shapes: dict[str, tuple[int, ...]] | None,
+    say: Callable[[str], None] | None = None,
+) -> str | None:
+    """The chosen checkpoint's path once checked against this run: its stage identity
+    (config, sources, data), number of processes and, given ``shapes``, model shapes. An
+    incompatible one raises CheckpointError before anything is written; ``say`` gets the
+    notes and the resume message."""
+    if chosen is None:
+        return None
+    from vlmtrain.artifacts import same_stage
+    from vlmtrain.config import schema_defaults
+
+    path, contents = chosen
+
+    def config_diff(record: dict) -> list[str]:
+        old = {"config_hash": record["config_hash"], **record["identity"]}
+        old["config"] = record["identity"]
+        same, why = same_stage(old, identity, schema_defaults())
+        return [] if same else why
+
+    notes = check_compatible(path, contents, world_size, shapes, config_diff, stage_dir)
+    if say is not None:
+        for note in notes:
+            say(note)
+        say(f"resuming from {path}")
+    return str(path)

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +24,19 @@ from vlmtrain.artifacts import (
     config_hash,
     load_component,
     read_manifest,
+    reuse_finished,
     same_stage,
     save_artifact,
+    set_aside_damaged,
 )
+from vlmtrain.callbacks import KILL_ENV, KillAfterStep, LastMetrics, StageClock
 from vlmtrain.checkpoints import (
     AtomicCheckpointIO,
     CheckpointRecord,
-    check_compatible,
     checkpoint_callback,
     choose_checkpoint,
+    resume_point,
+    world_size_of,
 )
 from vlmtrain.composition import tokenizer_record
 from vlmtrain.config import COMPONENTS, schema_defaults
@@ -139,67 +140,6 @@ def build_model(cfg: DictConfig, init: dict[str, str | Path]):
     return tokenizer, model.train()
 
 
-# Tests set this to interrupt a run exactly as a pre-empted cluster job is, while the
-# command line stays the same for the resume.
-KILL_ENV = "VLMTRAIN_KILL_AFTER_STEP"
-
-
-class KillAfterStep(Callback):
-    """SIGKILL the process (no clean-up) once the given optimizer step is done."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class StageClock(Callback):
-    """A stage's training time over all its runs: checkpoints carry the time so far, so a
-    resumed stage adds its earlier runs' time up to their last checkpoint (steps redone
-    after a kill count once, at their redo)."""
-
-    def __init__(self):
-        self.before = 0.0  # from the checkpoint resumed
-        self.start: float | None = None
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
-
-    def state_dict(self) -> dict[str, float]:
-        return {"elapsed_s": self.elapsed()}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.before = state["elapsed_s"]
-
-
-class LastMetrics(Callback):
-    """The stage's last logged metrics (final loss, ...), kept in every checkpoint: a stage
-    re-run after its last step was checkpointed trains no step and logs nothing, yet its
-    artifact must still report its final loss."""
-
-    def __init__(self):
-        self.restored: dict[str, float] = {}
-        self.trainer: L.Trainer | None = None
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        self.trainer = trainer
-
-    def metrics(self) -> dict[str, float]:
-        current = self.trainer.callback_metrics if self.trainer is not None else {}
-        return {**self.restored, **{k: float(v) for k, v in current.items()}}
-
-    def state_dict(self) -> dict[str, dict[str, float]]:
-        return {"metrics": self.metrics()}
-
-    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
-        self.restored = dict(state["metrics"])
-
-
 def build_trainer(
     cfg: DictConfig,
     stage_dir: Path,
@@ -281,9 +221,9 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     }
     digest = config_hash(hashed)
     if artifact_dir.exists() and (problems := artifact_problems(artifact_dir)):
-        _set_aside_damaged_artifact(artifact_dir, problems)
+        _set_aside_damaged(artifact_dir, problems)
     if cfg.start_from and not artifact_dir.exists():
-        _reuse_finished(Path(cfg.start_from) / stage.name / "artifact", artifact_dir, hashed)
+        _reuse(Path(cfg.start_from) / stage.name / "artifact", artifact_dir, hashed)
     if (artifact_dir / "manifest.json").is_file():
         same, why = same_stage(read_manifest(artifact_dir), hashed, schema_defaults())
         if not same:
@@ -304,8 +244,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
 
     # A checkpoint this run cannot continue (other config or number of processes) is
     # refused before any model is built; its model shapes are checked once one is.
-    chosen = _choose_checkpoint(stage_dir)
-    _check_resume(cfg_world_size(cfg.trainer), None, hashed, stage_dir, chosen, quiet=True)
+    chosen = choose_checkpoint(stage_dir / "checkpoints", _say(stage.name))
+    resume_point(chosen, stage_dir, hashed, world_size_of(cfg.trainer), shapes=None)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.num_threads:
@@ -325,7 +265,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
         cfg, stage_dir, CheckpointRecord(hashed, digest), fresh_start=chosen is None
     )
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    resume = _check_resume(trainer.world_size, shapes, hashed, stage_dir, chosen)
+    resume = resume_point(chosen, stage_dir, hashed, trainer.world_size, shapes, _say(stage.name))
     _start_records(stage.name, stage_dir, resolved, resuming=resume is not None)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
@@ -370,94 +310,22 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     return artifact_dir
 
 
-def _choose_checkpoint(stage_dir: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that reads back (see vlmtrain.checkpoints), or None."""
-    return choose_checkpoint(stage_dir / "checkpoints", _say(stage_dir))
+def _say(name: str):
+    return rank_zero_only(lambda msg: console.print(f"[bold]stage {name}[/]: {msg}"))
 
 
-def cfg_world_size(trainer: DictConfig) -> int:
-    """The number of processes the trainer config asks for, before any Trainer exists."""
-    devices = trainer.devices
-    if isinstance(devices, int) and devices > 0:
-        per_node = devices
-    elif OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
-        per_node = len(devices)
-    elif str(devices) in ("auto", "-1") and trainer.accelerator in ("gpu", "cuda"):
-        per_node = max(torch.cuda.device_count(), 1)
-    else:
-        per_node = int(devices) if str(devices).isdigit() else 1
-    return per_node * trainer.num_nodes
+@rank_zero_only  # other ranks wait for the artifact at the stage's first barrier
+def _reuse(source: Path, artifact_dir: Path, identity: dict) -> None:
+    said = reuse_finished(source, artifact_dir, identity, schema_defaults())
+    console.print(f"[bold]stage {artifact_dir.parent.name}[/]: {said}")
 
 
-def _check_resume(
-    world_size: int,
-    shapes: dict[str, tuple[int, ...]] | None,
-    hashed: dict,
-    stage_dir: Path,
-    chosen: tuple[Path, dict] | None,
-    quiet: bool = False,
-) -> str | None:
-    """The chosen checkpoint's path, once checked against this run (config, processes and,
-    given ``shapes``, model shapes); an incompatible one is refused before anything is
-    written."""
-    if chosen is None:
-        return None
-    path, contents = chosen
-
-    def config_diff(record: dict) -> list[str]:
-        old = {"config_hash": record["config_hash"], **record["identity"]}
-        old["config"] = record["identity"]
-        same, why = same_stage(old, hashed, schema_defaults())
-        return [] if same else why
-
-    notes = check_compatible(path, contents, world_size, shapes, config_diff, stage_dir)
-    if not quiet:
-        say = _say(stage_dir)
-        for note in notes:
-            say(note)
-        say(f"resuming from {path}")
-    return str(path)
-
-
-def _say(stage_dir: Path):
-    return rank_zero_only(lambda msg: console.print(f"[bold]stage {stage_dir.name}[/]: {msg}"))
-
-
-def _reuse_finished(source: Path, artifact_dir: Path, hashed: dict) -> None:
-    """Take a stage finished in another run (start_from) when it is the stage this config
-    would train: its files are hard-linked (copied across file systems) into this run."""
-    name = artifact_dir.parent.name
-    if not (source / "manifest.json").is_file() or artifact_problems(source):
-        console.print(f"stage {name}: nothing finished to reuse at {source}; training it here")
-        return
-    same, why = same_stage(read_manifest(source), hashed, schema_defaults())
-    if not same:
-        console.print(
-            f"stage {name}: not reused from {source}, its config differs:\n  " + "\n  ".join(why)
-        )
-        return
-    if rank_zero_only.rank == 0:
-        tmp = artifact_dir.with_name(artifact_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp, copy_function=_link_or_copy)
-        tmp.rename(artifact_dir)
-    console.print(f"[bold]stage {name}[/]: reused from {source}")
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _set_aside_damaged_artifact(artifact_dir: Path, problems: list[str]) -> None:
+def _set_aside_damaged(artifact_dir: Path, problems: list[str]) -> None:
     """A finished stage whose artifact does not read back is not finished: keep the damaged
     one for inspection and train the stage again (from its newest checkpoint)."""
     aside = artifact_dir.with_name("artifact.damaged")
     if rank_zero_only.rank == 0:
-        shutil.rmtree(aside, ignore_errors=True)
-        artifact_dir.rename(aside)
+        set_aside_damaged(artifact_dir)
     console.print(
         f"[bold]stage {artifact_dir.parent.name}[/]: its artifact {artifact_dir} is damaged:\n  "
         + "\n  ".join(problems)
