@@ -164,3 +164,27 @@ def test_decoder_is_causal_over_image_then_caption():
     # The BOS is the decoder's own embedding: the id at position 0 is never read.
     _, logits3 = decoder(features, torch.tensor([[9, 3, 4]]), mask)
     assert torch.equal(logits3, logits)
+
+
+def test_caption_encoder_puts_bos_then_the_caption_and_checks_samples(compose, shapes_root):
+    from helpers import image_processor_for
+
+    from vlmtrain.data.samples import DataError, load_samples
+    from vlmtrain.model.lm import load_tokenizer
+    from vlmtrain.objectives.aim import CaptionEncoder
+
+    cfg = compose("stage=aim")
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
+    images, spec = image_processor_for(cfg, shapes_root)
+    sample = load_samples(shapes_root / "caption_train.json")[0]
+    caption = sample["messages"][-1]["content"]
+    out = CaptionEncoder(tokenizer, images, 77)(sample)
+    assert out["pixel_values"].shape == (1, 3, spec.image_size, spec.image_size)
+    assert out["labels"][0] == IGNORE_INDEX, "the BOS is input only"
+    assert torch.equal(out["labels"][1:], out["input_ids"][1:])
+    assert tokenizer.decode(out["input_ids"][1:-1]) == caption
+    assert out["input_ids"][-1] == tokenizer.eos_token_id and not out["truncated"]
+    cut = CaptionEncoder(tokenizer, images, 3)(sample)
+    assert len(cut["input_ids"]) == 4 and cut["truncated"]
+    with pytest.raises(DataError, match="one image"):
+        CaptionEncoder(tokenizer, images, 77)({**sample, "images": []})

@@ -89,9 +89,12 @@ class CaptionEncoder:
 
 
 class AimModule(StageModule):
-    def __init__(self, model: VisionLanguageModel, stage: StageConfig, decoder: AimDecoder):
+    def __init__(
+        self, model: VisionLanguageModel, stage: StageConfig, decoder: AimDecoder, seed: int
+    ):
         super().__init__(model, stage)
         self.decoder = decoder
+        self.seed = seed
         self.alpha = stage.aim.alpha
         self._last_step_end: float | None = None
         self._val_sums: list[torch.Tensor] = []
@@ -135,8 +138,14 @@ class AimModule(StageModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         world = self.trainer.world_size
         n = batch["input_ids"].shape[0]
-        # From the global RNG, which checkpoints restore: a resumed run draws the same M.
-        prefix_lengths = sample_prefix_lengths(n, self.model.vision_spec.tokens_per_image)
+        # Drawn from (seed, step, rank) alone, not the global RNG (which a resumed run's
+        # data loader also draws from): a resumed run draws the very same prefixes.
+        generator = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + step) * 1_009 + self.global_rank
+        )
+        prefix_lengths = sample_prefix_lengths(
+            n, self.model.vision_spec.tokens_per_image, generator
+        )
         text_total, image_total = self._step_counts(batch, prefix_lengths)
         if text_total == 0:
             raise RuntimeError(f"step {self.global_step}: no caption token in {batch['ids']}")
@@ -249,7 +258,7 @@ def _build(cfg, model: VisionLanguageModel, tokenizer, encoder, stage_dir):
     torch.manual_seed(cfg.seed)  # the decoder's initial weights follow the seed
     decoder = build_decoder(cfg, model.vision_spec, len(tokenizer))
     datamodule = StageDataModule(cfg.data, cfg.stage, captions, cfg.seed)
-    return AimModule(model, cfg.stage, decoder), datamodule
+    return AimModule(model, cfg.stage, decoder, cfg.seed), datamodule
 
 
 def decoder_parameters(cfg, spec, vocab_size: int) -> int:
@@ -269,7 +278,10 @@ def _extra_memory(cfg, counts, bytes_per_param: int) -> dict[str, float]:
         spec = VisionSpec(c.hidden_size, c.image_size, c.patch_size, v.type == "clip")
     else:
         spec = VisionSpec(v.hidden_size, v.image_size, v.patch_size, v.type == "clip")
-    vocab = cfg.model.lm.vocab_size or 32000
+    from vlmtrain.plan import _tokenizer_or_none
+
+    tokenizer = _tokenizer_or_none(cfg)
+    vocab = len(tokenizer) if tokenizer is not None else cfg.model.lm.vocab_size + 1
     params = decoder_parameters(cfg, spec, vocab)
     aim = cfg.stage.aim
     tokens = cfg.stage.batch_size * (spec.tokens_per_image + aim.caption_max_tokens + 1)
