@@ -267,7 +267,7 @@ def decoder_parameters(cfg, spec, vocab_size: int) -> int:
 
 def _extra_memory(cfg, counts, bytes_per_param: int) -> dict[str, float]:
     """The decoder trains: its weights, gradients, AdamW's two fp32 moments, and the
-    activations of its sequence (image patches + caption) at ~34 bytes x width per layer."""
+    activations of its sequence (image patches + BOS + caption), never checkpointed."""
     from vlmtrain.model.vision import VisionSpec
 
     v = cfg.model.vision
@@ -285,7 +285,9 @@ def _extra_memory(cfg, counts, bytes_per_param: int) -> dict[str, float]:
     params = decoder_parameters(cfg, spec, vocab)
     aim = cfg.stage.aim
     tokens = cfg.stage.batch_size * (spec.tokens_per_image + aim.caption_max_tokens + 1)
-    activations = tokens * aim.decoder_hidden_size * aim.decoder_layers * 34 * 2
+    # ~34 bytes x width per token per layer in 16 bits, twice that in fp32 (as plan.py).
+    act_b = 34 * (2 if bytes_per_param == 4 else 1)
+    activations = tokens * aim.decoder_hidden_size * aim.decoder_layers * act_b
     return {
         "decoder": params * (2 * bytes_per_param + 8) + activations,
     }
