@@ -15,7 +15,9 @@ each, in parallel where the runs do not depend on each other:
 transformers' Llava can load); ``--stem conv`` is the tiny recipe's convolutional stem.
 Held-out VQA (test and test_unseen, greedy exact match) per question type comes from
 each arm's SFT evaluation; the AIM stage's time is reported so the arms can be compared
-at equal total compute.
+at equal total compute. Frozen-feature linear probes (scripts/probe_tower.py: object
+count, shapes and colours present) read the random tower, the AIM tower, and each arm's
+tower after SFT.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from probe_tower import probe
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("test", "test_unseen")
@@ -66,9 +70,13 @@ def main() -> int:
     parser.add_argument("--eval-limit", type=int, default=None, help="questions per split")
     parser.add_argument("--data-root", default=str(REPO / "data/generated/shapes"))
     parser.add_argument("--out", default=str(REPO / "runs/demo_aim"))
+    parser.add_argument("--report-only", action="store_true", help="tables of a finished run")
     args = parser.parse_args()
     out = Path(args.out).resolve() / args.stem
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        report(out, args, float("nan"))
+        return 0
     common = [
         "recipe=tiny_aim",
         f"data.root={args.data_root}",
@@ -169,9 +177,31 @@ def report(out: Path, args, elapsed: float) -> None:
         f"final loss {aim.get('train/loss', float('nan')):.3f}) on top of arm (b). "
         f"Whole script: {elapsed:.0f} s."
     )
+    lines += ["", probe_table(out, Path(args.data_root))]
     text = "\n".join(lines)
     (out / "demo_aim.md").write_text(text + "\n")
     print(text)
+
+
+def probe_table(out: Path, data_root: Path) -> str:
+    aim = out / "aim" / "aim" / "artifact"
+    towers = [
+        ("random init (where (a) starts)", aim, True),
+        ("after the AIM stage (where (b) starts)", aim, False),
+        ("(a) after align + SFT", out / "fresh" / "sft" / "artifact", False),
+        ("(b) after align + SFT", out / "aim_tower" / "sft" / "artifact", False),
+    ]
+    lines = [
+        "| frozen tower, linear probe on caption_test | count | shapes present | colours present |",
+        "|---|---:|---:|---:|",
+    ]
+    majority = None
+    for label, artifact, fresh in towers:
+        r = probe(artifact, data_root, fresh)
+        majority = {k: v[1] for k, v in r.items()}
+        lines.append(f"| {label} | " + " | ".join(f"{r[k][0]:.3f}" for k in r) + " |")
+    lines.append("| majority label | " + " | ".join(f"{v:.3f}" for v in majority.values()) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
