@@ -76,3 +76,15 @@ def test_aim_recipe_plans_with_its_decoder(shapes_root, tmp_path):
         cwd=tmp_path,
     )
     assert "stage aim" in proc.stdout and "decoder" in proc.stdout, proc.stdout
+
+
+def test_aimv2_recipe_plans_at_real_size(compose):
+    from vlmtrain.plan import plan_recipe
+
+    plans = plan_recipe(compose("recipe=aimv2", "trainer=gpu", "trainer.devices=8"))
+    assert [p["stage"] for p in plans] == ["aim", "pretrain", "finetune"]
+    aim = plans[0]
+    assert aim["parameters"]["vision"]["trainable"] > 300_000_000  # ViT-L: 24 x 1024
+    assert aim["parameters"]["lm"]["trainable"] == 0
+    assert aim["memory_gib_per_device"]["decoder"] > 1.0  # 1024 x 12 decoder, trained
+    assert plans[1]["init"]["vision"] == "from:aim"
