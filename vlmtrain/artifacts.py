@@ -150,8 +150,14 @@ def save_artifact(
     out_dir: Path,
     manifest: dict[str, Any],
     image_processor=None,
+    extras: dict[str, nn.Module] | None = None,
 ) -> Path:
+    """``extras``: modules an objective keeps beside the components (``<name>.safetensors``,
+    listed and checked like them), which no later stage needs (e.g. AIM's decoder)."""
     out_dir = Path(out_dir)
+    extras = extras or {}
+    if clash := set(extras) & set(model.components()):
+        raise ValueError(f"artifact extras {sorted(clash)} clash with the model's components")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -160,7 +166,8 @@ def save_artifact(
         # PeftModel.from_pretrained), then merged: later stages and exports get plain weights.
         model.language_model.save_pretrained(tmp / LORA_ADAPTER)
         model.language_model = model.language_model.merge_and_unload()
-    for name, module in model.components().items():
+    saved = {**model.components(), **extras}
+    for name, module in saved.items():
         # save_model de-duplicates tied tensors (e.g. tied LM embeddings), which save_file rejects.
         save_model(module, str(tmp / f"{name}.safetensors"))
     model.vision_tower.config.to_json_file(tmp / "vision_config.json")
@@ -169,8 +176,7 @@ def save_artifact(
     if image_processor is not None:  # its normalization, which a pretrained tower may set
         image_processor.save_pretrained(tmp / "image_processor")
     weights = {
-        f"{name}.safetensors": (tmp / f"{name}.safetensors").stat().st_size
-        for name in model.components()
+        f"{name}.safetensors": (tmp / f"{name}.safetensors").stat().st_size for name in saved
     }
     manifest = {
         **manifest,

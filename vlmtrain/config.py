@@ -175,6 +175,19 @@ class PreferenceConfig:
 
 
 @dataclass
+class AimConfig:
+    """objective=aim (AIMv2, vlmtrain.objectives.aim): the causal multimodal decoder that
+    reads the prefix-attention tower, and the loss L_text + alpha * L_image."""
+
+    decoder_hidden_size: int = 64
+    decoder_layers: int = 2
+    decoder_heads: int = 4
+    decoder_intermediate_size: int | None = None  # None: SwiGLU's 8/3 x width, rounded up to 8
+    alpha: float = 0.4  # weight of the normalized-pixel regression loss
+    caption_max_tokens: int = 77  # captions are cut here (the paper's 77)
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     objective: str = "next_token"
@@ -213,6 +226,7 @@ class StageConfig:
     # typed Any because a structured value would fill every field with its default.
     model: dict[str, Any] = field(default_factory=dict)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    aim: AimConfig = field(default_factory=AimConfig)
 
 
 # --------------------------------------------------------------------------- trainer

@@ -302,6 +302,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
                 "metrics": metrics,
             },
             image_processor=build_image_processor(cfg.model.vision, model.vision_spec),
+            extras=module.artifact_extras(),
         )
     # Other ranks must not read the artifact (next stage) before rank 0 has written it.
     trainer.strategy.barrier("artifact")

@@ -64,8 +64,15 @@ class VisionTower(nn.Module):
         c = self.config
         return VisionSpec(c.hidden_size, c.image_size, c.patch_size, self.has_class_token)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(pixel_values=pixel_values.to(self.model.dtype)).last_hidden_state
+    def forward(
+        self, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``attention_mask``: an additive (B, 1, S, S) mask over the tower's sequence
+        (class token first when it has one), handed to every encoder layer; None is the
+        tower's own bidirectional attention (e.g. AIM's prefix mask, vlmtrain.model.aim)."""
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
+        hidden = self.model(pixel_values=pixel_values.to(self.model.dtype), **extra)
+        hidden = hidden.last_hidden_state
         return hidden[:, 1:] if self.has_class_token else hidden
 
 

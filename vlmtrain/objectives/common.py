@@ -47,8 +47,18 @@ class StageModule(L.LightningModule):
         self.automatic_optimization = False
         self.tokens_seen = 0  # non-padding tokens (text + image) over all ranks
 
+    def optimized_components(self) -> dict[str, torch.nn.Module]:
+        """What the optimizer trains, by name (``stage.trainable.lr_mult`` keys): the
+        model's components, and any module an objective adds (AIM's decoder)."""
+        return self.model.components()
+
+    def artifact_extras(self) -> dict[str, torch.nn.Module]:
+        """Modules beside the model's components that the stage's artifact keeps (as
+        ``<name>.safetensors``) but later stages never need, e.g. AIM's decoder."""
+        return {}
+
     def configure_optimizers(self):
-        groups = param_groups(self.model.components(), self.stage.optim, self.stage.trainable)
+        groups = param_groups(self.optimized_components(), self.stage.optim, self.stage.trainable)
         optimizer = build_optimizer(groups, self.stage.optim)
         factor = warmup_cosine(
             self.stage.max_steps, self.stage.optim.warmup_ratio, self.stage.optim.min_lr_ratio

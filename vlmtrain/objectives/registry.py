@@ -16,6 +16,7 @@ from typing import Any
 OBJECTIVES = {
     "next_token": "vlmtrain.objectives.next_token",
     "preference": "vlmtrain.objectives.preference_module",
+    "aim": "vlmtrain.objectives.aim",
 }
 
 

@@ -1,0 +1,107 @@
+"""Frozen-feature linear probes of a vision tower on the shapes world (AIMv2's frozen-trunk
+evaluation, reduced to what the shapes world labels): from the mean of the tower's patch
+features (full attention), a linear layer predicts the number of objects (classes), and
+which shapes and which colours are present (one binary label each).
+
+    python scripts/probe_tower.py runs/x/aim/artifact [--fresh] [--data-root ...]
+
+``--fresh`` probes the same architecture at its random initialization (the artifact's
+seed), which is where a stage without pretraining starts. Train: caption_train images;
+test: caption_test images. The majority-label accuracy is printed beside each figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vlmtrain.artifacts import load_image_processor, load_model, read_manifest
+from vlmtrain.data.images import to_rgb
+from vlmtrain.model.vlm import VisionLanguageModel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tower_of(artifact: Path, fresh: bool):
+    model, tokenizer, model_cfg = load_model(artifact)
+    if fresh:  # as a stage from scratch builds it: seeded, then the components
+        torch.manual_seed(read_manifest(artifact)["config"]["seed"])
+        model = VisionLanguageModel.build(model_cfg, tokenizer).eval()
+    processor = load_image_processor(artifact, model_cfg, model.vision_spec)
+    return model.vision_tower, processor
+
+
+def features_and_labels(tower, processor, records: list[dict], root: Path, vocab: dict):
+    feats, counts, shapes, colours = [], [], [], []
+    for start in range(0, len(records), 64):
+        chunk = records[start : start + 64]
+        images = [to_rgb(Image.open(root / r["image"])) for r in chunk]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            feats.append(tower(pixels).mean(1))
+        for r in chunk:
+            objs = r["objects"]
+            counts.append(len(objs))
+            shapes.append([float(any(o["shape"] == s for o in objs)) for s in vocab["shape"]])
+            colours.append([float(any(o["colour"] == c for o in objs)) for c in vocab["colour"]])
+    return torch.cat(feats), torch.tensor(counts), torch.tensor(shapes), torch.tensor(colours)
+
+
+def fit(x: torch.Tensor, y: torch.Tensor, outputs: int, multilabel: bool, steps: int = 500):
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x.shape[1], outputs)
+    opt = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        out = probe(x)
+        loss = F.binary_cross_entropy_with_logits(out, y) if multilabel else F.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return probe
+
+
+def probe(artifact: Path, data_root: Path, fresh: bool = False, limit: int = 2000) -> dict:
+    tower, processor = tower_of(artifact, fresh)
+    tower.eval()
+    train = json.loads((data_root / "caption_train.json").read_text())[:limit]
+    test = json.loads((data_root / "caption_test.json").read_text())
+    vocab = {k: sorted({o[k] for r in train for o in r["objects"]}) for k in ("shape", "colour")}
+    xtr, ctr, str_, cotr = features_and_labels(tower, processor, train, data_root, vocab)
+    xte, cte, ste, cote = features_and_labels(tower, processor, test, data_root, vocab)
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6  # standardized features, train statistics
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    classes = int(max(ctr.max(), cte.max())) + 1
+    out = {}
+    count_probe = fit(xtr, ctr, classes, multilabel=False)
+    majority = torch.bincount(ctr, minlength=classes).argmax()
+    out["count"] = (
+        (count_probe(xte).argmax(1) == cte).float().mean().item(),
+        (cte == majority).float().mean().item(),
+    )
+    for name, ytr, yte in (("shape", str_, ste), ("colour", cotr, cote)):
+        p = fit(xtr, ytr, ytr.shape[1], multilabel=True)
+        with torch.no_grad():
+            accuracy = ((p(xte) > 0).float() == yte).float().mean().item()
+        majority = (ytr.mean(0) > 0.5).float()
+        out[name] = (accuracy, (yte == majority).float().mean().item())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--data-root", type=Path, default=REPO / "data/generated/shapes")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for name, (acc, base) in probe(args.artifact, args.data_root, args.fresh).items():
+        print(f"{name}: {acc:.3f} (majority {base:.3f})")
+
+
+if __name__ == "__main__":
+    main()
