@@ -188,3 +188,23 @@ def test_caption_encoder_puts_bos_then_the_caption_and_checks_samples(compose, s
     assert len(cut["input_ids"]) == 4 and cut["truncated"]
     with pytest.raises(DataError, match="one image"):
         CaptionEncoder(tokenizer, images, 77)({**sample, "images": []})
+
+
+def test_random_resized_crop_is_seeded_and_keeps_the_full_image_at_scale_one():
+    from vlmtrain.model.aim import random_resized_crop
+
+    pixels = torch.randn(3, 3, 16, 16)
+    whole = random_resized_crop(pixels, (1.0, 1.0), torch.Generator().manual_seed(0), (1.0, 1.0))
+    assert torch.allclose(whole, pixels, atol=1e-6)  # the whole image, resized to itself
+    a = random_resized_crop(pixels, (0.25, 0.25), torch.Generator().manual_seed(1), (1.0, 1.0))
+    b = random_resized_crop(pixels, (0.25, 0.25), torch.Generator().manual_seed(1), (1.0, 1.0))
+    assert torch.equal(a, b) and a.shape == pixels.shape  # same draws, same crops (resume)
+    # A quarter of the area at ratio 1 is an 8 x 8 window, upsampled: it matches one of them.
+    windows = [
+        torch.nn.functional.interpolate(
+            pixels[:1, :, t : t + 8, left : left + 8], size=(16, 16), mode="bilinear"
+        )[0]
+        for t in range(9)
+        for left in range(9)
+    ]
+    assert any(torch.allclose(a[0], w, atol=1e-6) for w in windows)

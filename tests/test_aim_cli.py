@@ -18,6 +18,7 @@ def test_aim_stage_resumes_exactly_and_hands_a_bidirectional_tower_to_align(shap
         "stage.max_steps=6",
         "trainer.checkpoint_every=2",
         "stage.aim.caption_max_tokens=16",
+        "stage.aim.crop_scale=[0.5,1.0]",  # augmented steps resume exactly too
     ]
     vlmtrain([*args, "run_name=straight"], cwd=tmp_path)
     killed = vlmtrain(

@@ -185,6 +185,10 @@ class AimConfig:
     decoder_intermediate_size: int | None = None  # None: SwiGLU's 8/3 x width, rounded up to 8
     alpha: float = 0.4  # weight of the normalized-pixel regression loss
     caption_max_tokens: int = 77  # captions are cut here (the paper's 77)
+    # Random-resized-crop augmentation of training images: the range of the crop's share of
+    # the image area, e.g. [0.4, 1.0]; null turns it off (validation never crops). Off for
+    # the shapes world, whose captions name positions a crop would falsify.
+    crop_scale: list[float] | None = None
 
 
 @dataclass

@@ -12,6 +12,8 @@ their next patch would leak. Its output at caption position t predicts token t+1
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -157,3 +159,29 @@ class AimDecoder(nn.Module):
             inputs_embeds=torch.cat([image, text.to(image.dtype)], 1), attention_mask=mask
         ).last_hidden_state
         return self.pixel_head(hidden[:, :n]), self.text_head(hidden[:, n:])
+
+
+def random_resized_crop(
+    pixels: torch.Tensor,
+    scale: tuple[float, float],
+    generator: torch.Generator,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """Inception-style crop per image (B, C, H, W), resized back to H x W (bilinear): a
+    crop of ``scale`` x the image's area and an aspect ratio in ``ratio`` (log-uniform),
+    at a uniform position; the paper's augmentation for AIM pretraining. Applied to the
+    normalized pixels (resizing is linear, so it commutes with the normalization)."""
+    b, _, h, w = pixels.shape
+    area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator) * h * w
+    log_ratio = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_ratio)
+    crop_w = torch.sqrt(area * aspect).round().clamp(1, w).long()
+    crop_h = torch.sqrt(area / aspect).round().clamp(1, h).long()
+    u = torch.rand(b, 2, generator=generator)
+    out = torch.empty_like(pixels)
+    for k in range(b):
+        top = int(u[k, 0] * (h - crop_h[k] + 1))
+        left = int(u[k, 1] * (w - crop_w[k] + 1))
+        crop = pixels[k : k + 1, :, top : top + crop_h[k], left : left + crop_w[k]]
+        out[k] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+    return out

@@ -30,6 +30,7 @@ from vlmtrain.model.aim import (
     AimDecoder,
     image_loss_sum,
     prefix_attention_mask,
+    random_resized_crop,
     sample_prefix_lengths,
     text_loss_sum,
 )
@@ -146,6 +147,12 @@ class AimModule(StageModule):
         prefix_lengths = sample_prefix_lengths(
             n, self.model.vision_spec.tokens_per_image, generator
         )
+        crop = self.stage.aim.crop_scale
+        if crop is not None and batch["pixel_values"] is not None:  # same draws on resume
+            batch = {
+                **batch,
+                "pixel_values": random_resized_crop(batch["pixel_values"], tuple(crop), generator),
+            }
         text_total, image_total = self._step_counts(batch, prefix_lengths)
         if text_total == 0:
             raise RuntimeError(f"step {self.global_step}: no caption token in {batch['ids']}")
@@ -248,6 +255,11 @@ def _check(cfg) -> None:
     if stage.aim.alpha < 0 or stage.aim.caption_max_tokens < 1:
         raise ValueError(
             f"{where}: stage.aim.alpha must be >= 0 and stage.aim.caption_max_tokens >= 1"
+        )
+    crop = stage.aim.crop_scale
+    if crop is not None and not (len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1):
+        raise ValueError(
+            f"{where}: stage.aim.crop_scale={list(crop)} must be [low, high] in (0, 1]"
         )
 
 
