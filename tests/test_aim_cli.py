@@ -88,4 +88,7 @@ def test_aimv2_recipe_plans_at_real_size(compose):
     assert aim["parameters"]["vision"]["trainable"] > 300_000_000  # ViT-L: 24 x 1024
     assert aim["parameters"]["lm"]["trainable"] == 0
     assert aim["memory_gib_per_device"]["decoder"] > 1.0  # 1024 x 12 decoder, trained
+    # The LM never runs: no LM activations or logits, only the tower's (checkpointed).
+    assert aim["logits_per_sample"].startswith("none")
+    assert aim["memory_gib_per_device"]["activations"] < 2.0  # was 7.4 with the LM counted
     assert plans[1]["init"]["vision"] == "from:aim"

@@ -81,8 +81,9 @@ def estimate_memory(
     activations = 0.0
     if trainable:
         activations += kept(tokens, lm_cfg.hidden_size, lm_cfg.num_hidden_layers)
-        # Training computes logits only at supervised positions (fp32, and their gradient).
-        logit_positions = stage.batch_size * supervised_per_sample
+        # Training computes logits only at supervised positions (fp32, and their gradient),
+        # in every sequence the LM runs.
+        logit_positions = stage.batch_size * supervised_per_sample * objective.sequences_per_sample
         activations += logit_positions * lm_cfg.vocab_size * 4 * 2
     if counts["vision"][0]:
         spec = model.vision_spec
@@ -152,7 +153,9 @@ def plan_stage(cfg: DictConfig) -> dict[str, Any]:
         "max_length": stage.max_length,
         "memory_gib_per_device": estimate_memory(counts, model, cfg, supervised),
         "logits_per_sample": (
-            f"{supervised:.0f} supervised positions (measured)"
+            "none (this objective does not run the LM)"
+            if objective_for(stage.objective).sequences_per_sample == 0
+            else f"{supervised:.0f} supervised positions (measured)"
             if supervised is not None
             else f"<= {max(stage.max_length - model.tokens_per_image, 1)} positions "
             "(max_length less one image's tokens; no data to measure)"

@@ -305,4 +305,8 @@ def _extra_memory(cfg, counts, bytes_per_param: int) -> dict[str, float]:
     }
 
 
-OBJECTIVE = Objective(build=_build, check=_check, extra_memory=_extra_memory)
+# The LM never runs in an aim stage (sequences_per_sample=0): the plan counts the tower
+# and, through extra_memory, the decoder.
+OBJECTIVE = Objective(
+    build=_build, check=_check, sequences_per_sample=0, extra_memory=_extra_memory
+)

@@ -35,7 +35,8 @@ class Objective:
     build: Callable[..., tuple[Any, Any]]
     # Fails at start, naming the config keys, on a combination the objective cannot run.
     check: Callable[[Any], None] = _nothing_to_check
-    # Sequences the LM runs per sample (a preference pair runs chosen and rejected).
+    # Sequences the LM runs per sample (a preference pair runs chosen and rejected; 0: the
+    # objective never runs the LM, as AIM pretraining of the tower).
     sequences_per_sample: int = 1
     # Extra per-device memory in bytes by name (e.g. a reference model), for plan=true.
     extra_memory: Callable[..., dict[str, float]] = _no_extra_memory
