@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from probe_tower import probe
+from side_by_side import launch, wait
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("test", "test_unseen")
@@ -38,21 +37,6 @@ STEMS = {
     "patch": ["model.vision.stem=patch", "model.vision.stem_blocks=0"],
     "conv": ["model.vision.stem=conv", "model.vision.stem_blocks=2"],
 }
-
-
-def launch(name: str, args: list[str], common: list[str], out: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    log = (out / f"{name}.log").open("w")
-    cmd = [sys.executable, "-m", "vlmtrain.cli", *common, f"run_name={name}", *args]
-    (out / f"{name}.cmd").write_text(" ".join(cmd) + "\n")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait(procs: dict[str, subprocess.Popen], out: Path) -> None:
-    for name, proc in procs.items():
-        if proc.wait():
-            tail = (out / f"{name}.log").read_text()[-3000:]
-            raise SystemExit(f"run {name} failed ({proc.returncode}):\n{tail}")
 
 
 def manifest(out: Path, run: str, stage: str) -> dict:

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from side_by_side import launch, wait
 
 REPO = Path(__file__).resolve().parents[1]
 LARGE_LM = [
@@ -60,21 +60,6 @@ SPLITS = ("test", "test_unseen")
 
 def stage_args(prefix: str, settings: list[str]) -> list[str]:
     return [f"{prefix}.{s}" for s in settings]
-
-
-def launch(name: str, args: list[str], common: list[str], out: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    log = (out / f"{name}.log").open("w")
-    cmd = [sys.executable, "-m", "vlmtrain.cli", *common, f"run_name={name}", *args]
-    (out / f"{name}.cmd").write_text(" ".join(cmd) + "\n")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait(procs: dict[str, subprocess.Popen], out: Path) -> None:
-    for name, proc in procs.items():
-        if proc.wait():
-            tail = (out / f"{name}.log").read_text()[-3000:]
-            raise SystemExit(f"run {name} failed ({proc.returncode}):\n{tail}")
 
 
 def artifact(out: Path, run: str, stage: str) -> Path:

@@ -190,18 +190,7 @@ class AimModule(StageModule):
             "train/loss_text": text_loss.item(),
             "train/loss_image": image_loss.item(),
         }
-        for g in optimizer.param_groups:
-            metrics[f"train/lr_{g['name'].removesuffix('_no_decay')}"] = g["lr"]
-        if dt is not None:
-            metrics.update(
-                {
-                    "perf/step_time_s": dt,
-                    "perf/tokens_per_s": tokens / dt,
-                    "perf/samples_per_s": samples / dt,
-                }
-            )
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=step)
+        self.log_row(step, metrics, optimizer, dt, tokens, samples)
 
     # -------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int):

@@ -109,6 +109,27 @@ class StageModule(L.LightningModule):
                 "Freeze them (stage.trainable) or check the forward path."
             )
 
+    def log_row(
+        self,
+        step: int,
+        row: dict,
+        optimizer,
+        dt: float | None,
+        tokens: int,
+        samples: int,
+        unit: str = "samples",
+    ) -> None:
+        """One logger row per logged step, shared by the objectives: their metrics, one
+        learning rate per component, and throughput (``unit`` names what ``samples`` count)."""
+        for g in optimizer.param_groups:  # decay and no-decay groups share the rate
+            row[f"train/lr_{g['name'].removesuffix('_no_decay')}"] = g["lr"]
+        if dt is not None:
+            row["perf/step_time_s"] = dt
+            row["perf/tokens_per_s"] = tokens / dt
+            row[f"perf/{unit}_per_s"] = samples / dt
+        for logger in self.loggers:
+            logger.log_metrics(row, step=step)
+
     # ---------------------------------------------------- RNG state, for exact resume
     # Stored as tensors and plain Python values so checkpoints load with weights_only=True.
     def on_save_checkpoint(self, checkpoint: dict) -> None:

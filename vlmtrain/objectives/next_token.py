@@ -183,25 +183,13 @@ class NextTokenModule(StageModule):
         if (step + 1) % self.trainer.log_every_n_steps:  # the steps Lightning would log
             return
         metrics = {"train/loss": loss.item()}
-        # One learning rate per component (its decay and no-decay groups share it).
-        for g in optimizer.param_groups:
-            metrics[f"train/lr_{g['name'].removesuffix('_no_decay')}"] = g["lr"]
         # The loss of each dataset's samples in this step, as ``train/loss`` weighs them.
         sums, weights = self.trainer.strategy.reduce(by_dataset, reduce_op="sum").tolist()
         for name, k in self.dataset_index.items():
             if weights[k] > 0:  # the dataset had samples in this step
                 metrics[f"train/loss_{name}"] = sums[k] / weights[k]
-        if dt is not None:
-            samples = batch["input_ids"].shape[0] * self.trainer.world_size
-            metrics.update(
-                {
-                    "perf/step_time_s": dt,
-                    "perf/tokens_per_s": tokens / dt,
-                    "perf/samples_per_s": samples / dt,
-                }
-            )
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=step)
+        samples = batch["input_ids"].shape[0] * self.trainer.world_size
+        self.log_row(step, metrics, optimizer, dt, tokens, samples)
 
     # -------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int):

@@ -216,14 +216,8 @@ class PreferenceModule(StageModule):
         row = {"train/loss": float(loss)}
         row.update({f"train/loss_{t}": metrics.pop(t) for t in self.terms.weights})
         row.update({f"train/{k}": v for k, v in metrics.items()})
-        for g in optimizer.param_groups:
-            row[f"train/lr_{g['name'].removesuffix('_no_decay')}"] = g["lr"]
-        if dt is not None:
-            row["perf/step_time_s"] = dt
-            row["perf/tokens_per_s"] = tokens / dt
-            row["perf/pairs_per_s"] = batch["input_ids"].shape[0] * self.trainer.world_size / dt
-        for logger in self.loggers:
-            logger.log_metrics(row, step=step)
+        pairs = batch["input_ids"].shape[0] * self.trainer.world_size
+        self.log_row(step, row, optimizer, dt, tokens, pairs, unit="pairs")
         return loss
 
     # ------------------------------------------------------------------ validation
