@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
+from safetensors.torch import load_file, save_model
 from safetensors.torch import load_model as load_safetensors_into
-from safetensors.torch import save_model
 from torch import nn
 
 from vlmtrain.config import COMPONENTS
 from vlmtrain.data.fingerprint import describe_changes as describe_data_changes
 from vlmtrain.durable import DamagedFileError, atomic_write_json, fsync_dir, read_json
+from vlmtrain.model.resolution import is_position_table, resize_position_table
 from vlmtrain.model.vlm import VisionLanguageModel
 
 MANIFEST = "manifest.json"
@@ -244,21 +245,32 @@ def load_component(module: nn.Module, name: str, artifact_dir: Path) -> None:
             f"artifact {str(artifact_dir)!r} has no component {name!r} ({path.name})"
         )
     own = module.state_dict()
-    problems = []
+    problems, resized = [], {}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
             if key not in own:
                 problems.append(f"unexpected tensor {key}")
                 continue
             shape = tuple(f.get_slice(key).get_shape())
-            if shape != tuple(own[key].shape):
-                problems.append(f"{key}: artifact {shape} vs model {tuple(own[key].shape)}")
+            if shape == tuple(own[key].shape):
+                continue
+            if name == "vision" and is_position_table(key) and shape[1:] == own[key].shape[1:]:
+                # A tower carried into a stage of another resolution (vlmtrain.model.resolution).
+                resized[key] = resize_position_table(
+                    f.get_tensor(key), own[key].shape[0], module.has_class_token
+                )
+                continue
+            problems.append(f"{key}: artifact {shape} vs model {tuple(own[key].shape)}")
     if problems:
         raise ValueError(
             f"component {name!r} from {str(artifact_dir)!r} does not fit the configured model:\n  "
             + "\n  ".join(problems)
         )
-    missing, unexpected = load_safetensors_into(module, str(path), strict=False)
+    if resized:
+        state = {**load_file(str(path)), **resized}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    else:
+        missing, unexpected = load_safetensors_into(module, str(path), strict=False)
     if missing or unexpected:
         raise ValueError(
             f"component {name!r} from {str(artifact_dir)!r}: missing {sorted(missing)}, "

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlmtrain.config import COMPONENTS, ModelConfig
+from vlmtrain.model.resolution import is_position_table
 
 
 # ----------------------------------------------------------------------- composition
@@ -175,6 +176,8 @@ def _check_one(where: str, comp: str, src: _Side, dst: _Side) -> None:
     skip = set()
     if comp == "lm" and not (src.vocab_known and dst.vocab_known):
         skip = _embedding_names(a) | _embedding_names(b)
+    if comp == "vision":  # resized for this stage's resolution when loaded (model.resolution)
+        skip = {k for k in a.state_dict() if is_position_table(k)}
     shapes_a = {k: tuple(t.shape) for k, t in a.state_dict().items() if k not in skip}
     shapes_b = {k: tuple(t.shape) for k, t in b.state_dict().items() if k not in skip}
     problems = [f"{k}: only in {src.label}" for k in sorted(set(shapes_a) - set(shapes_b))]

@@ -65,10 +65,24 @@ class LMConfig:
 
 
 @dataclass
+class TilingConfig:
+    """Dynamic high resolution (InternVL 1.5+, vlmtrain.data.tiling): each image becomes a
+    grid of tiles of the tower's image_size chosen by aspect ratio, plus a thumbnail;
+    image tokens = tiles x tokens per tile. Off: one image = one tower input (the
+    processor's own resize/crop)."""
+
+    enabled: bool = False
+    min_tiles: int = 1
+    max_tiles: int = 12  # per sample: a sample's images share it (max(1, max // n) each)
+    thumbnail: bool = True  # the whole image as one more tile when there are several
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     # Local tokenizer directory; by default the LM's own (model.lm.path).
     tokenizer: str | None = None

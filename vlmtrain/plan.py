@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlmtrain.composition import check_handoffs, describe_model
+from vlmtrain.data.tiling import max_tower_inputs
 from vlmtrain.hardware import check_strategy, device_memory_gib
 from vlmtrain.model.freezing import apply_trainable, parameter_counts
 from vlmtrain.model.vlm import VisionLanguageModel
@@ -88,8 +89,10 @@ def estimate_memory(
     if counts["vision"][0]:
         spec = model.vision_spec
         v = model.vision_tower.config
+        # A tiled image is up to max_tiles (+ thumbnail) tower inputs (model.tiling).
+        tiles = max_tower_inputs(cfg.model)
         activations += kept(
-            stage.batch_size * spec.tokens_per_image, v.hidden_size, v.num_hidden_layers
+            stage.batch_size * tiles * spec.tokens_per_image, v.hidden_size, v.num_hidden_layers
         )
     extra = objective.extra_memory(cfg, counts, weight_b)  # e.g. a reference model
     gib = 2**30
@@ -146,7 +149,10 @@ def plan_stage(cfg: DictConfig) -> dict[str, Any]:
         "mixture": dict(stage.mixture),
         "init": init,
         "parameters": {k: {"trainable": t, "frozen": f} for k, (t, f) in counts.items()},
-        "image_tokens_per_image": model.tokens_per_image,
+        # At most, for a tiled image: tiles x tokens per tile (model.tiling).
+        "image_tokens_per_image": max_tower_inputs(cfg.model) * model.tokens_per_image,
+        "tiles_per_image": max_tower_inputs(cfg.model),
+        "image_size": model.vision_spec.image_size,
         "samples_per_step": samples_per_step,
         "max_tokens_per_step": samples_per_step * stage.max_length,
         "steps": stage.max_steps,
@@ -207,7 +213,13 @@ def print_plan(plans: list[dict[str, Any]], cfg: DictConfig) -> None:
         console.print(table)
         mem = p["memory_gib_per_device"]
         console.print(
-            f"  image tokens per image {p['image_tokens_per_image']}; samples per step "
+            f"  image tokens per image {p['image_tokens_per_image']}"
+            + (
+                f" (up to {p['tiles_per_image']} tiles of {p['image_size']} px)"
+                if p["tiles_per_image"] > 1
+                else f" ({p['image_size']} px)"
+            )
+            + f"; samples per step "
             f"{p['samples_per_step']}; tokens per step <= {p['max_tokens_per_step']:,}\n"
             f"  memory per device (estimate at max_length, activation checkpointing "
             f"{'on' if cfg.trainer.activation_checkpointing else 'off'}): {mem['total']:.1f} GiB = weights {mem['weights']:.1f} "

@@ -45,6 +45,7 @@ from vlmtrain.data.encode import SampleEncoder
 from vlmtrain.data.fingerprint import data_fingerprints
 from vlmtrain.data.images import ImageLimits, ImageProcessor
 from vlmtrain.data.quality import DataQuality
+from vlmtrain.data.tiling import tiler_for
 from vlmtrain.hardware import check_strategy
 from vlmtrain.loggers import build_logger, log_location
 from vlmtrain.model.freezing import apply_trainable, parameter_table
@@ -197,6 +198,7 @@ def make_encoder(cfg: DictConfig, model: VisionLanguageModel, tokenizer) -> Samp
         cfg.data.root,
         model.token_downsample,
         ImageLimits.from_config(cfg.data),
+        tiler_for(cfg.model, spec.image_size),
     )
     return SampleEncoder(tokenizer, images, cfg.model.image_token, cfg.stage.max_length)
 

@@ -50,8 +50,7 @@ class SampleEncoder:
         pixel_values = None
         if n_images:
             loaded = [self.images.load(p, sid, source) for p in sample["images"]]
-            pixel_values = self.images(loaded)
-            per_image = self.images.tokens_per_image(pixel_values)
+            pixel_values, per_image = self.images.encode(loaded)
             ids, mask = _expand(ids, mask, self.image_token_id, per_image)
 
         truncated = len(ids) > self.max_length
@@ -93,20 +92,28 @@ class SampleEncoder:
             for s in samples
         ]
         counts = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        per_image = self.images.nominal_tokens
         return [
-            min(self.max_length, len(ids) + per_image * len(s["images"]))
+            min(
+                self.max_length,
+                len(ids)
+                + self.images.tokens_hint(s["images"], s.get("id", "?"), s.get("source", "?")),
+            )
             for ids, s in zip(counts, samples, strict=True)
         ]
 
 
-def _expand(ids: list[int], mask: list[int], token: int, n: int) -> tuple[list[int], list[int]]:
-    """Repeat each placeholder ``n`` times; image positions are never supervised."""
+def _expand(
+    ids: list[int], mask: list[int], token: int, n: int | list[int]
+) -> tuple[list[int], list[int]]:
+    """Repeat each placeholder ``n`` times (or the i-th one ``n[i]`` times: tiled images
+    differ); image positions are never supervised."""
+    counts = iter(n) if isinstance(n, list) else None
     out_ids, out_mask = [], []
     for t, m in zip(ids, mask, strict=True):
         if t == token:
-            out_ids.extend([token] * n)
-            out_mask.extend([0] * n)
+            k = next(counts) if counts is not None else n
+            out_ids.extend([token] * k)
+            out_mask.extend([0] * k)
         else:
             out_ids.append(t)
             out_mask.append(m)

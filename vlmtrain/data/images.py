@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmtrain.data.samples import DataError
+from vlmtrain.data.tiling import Tiler
 
 # Transparent pixels are shown over white: what a viewer, a browser or a document shows
 # (a black logo on a transparent background stays legible).
@@ -78,8 +79,10 @@ class ImageProcessor:
         image_root: str | Path,
         downsample: int = 1,
         limits: ImageLimits | None = None,
+        tiler: Tiler | None = None,
     ):
         self.processor = processor
+        self.tiler = tiler  # dynamic tiling (model.tiling); None: one tower input per image
         self.patch_size = patch_size
         self.downsample = downsample  # patches merged per image token, per side
         self.image_root = Path(image_root)
@@ -155,10 +158,36 @@ class ImageProcessor:
         """(num_images, 3, H, W) float tensor."""
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
+    def encode(self, images: list[Image.Image]) -> tuple[torch.Tensor, list[int]]:
+        """The tower inputs of one sample's images, (inputs, 3, H, W), and each image's
+        token count, counted on those very pixels (with tiling: its tiles x tokens per tile)."""
+        if self.tiler is None:
+            pixels = self(images)
+            return pixels, [self.tokens_per_image(pixels)] * len(images)
+        tiles = [self.tiler(image, len(images)) for image in images]
+        pixels = self([t for per_image in tiles for t in per_image])
+        per_tile = self.tokens_per_image(pixels)
+        return pixels, [len(per_image) * per_tile for per_image in tiles]
+
+    def tokens_hint(self, rel_paths: list[str], sample_id: str, source: str) -> int:
+        """Image tokens of a sample, for length hints: with tiling, from each image's
+        header size through the tiler's own grid choice (nothing decoded); a file that
+        cannot be read counts one tile here and fails, named, when the sample is encoded."""
+        if self.tiler is None:
+            return self.nominal_tokens * len(rel_paths)
+        tiles = 0
+        for rel in rel_paths:
+            try:
+                with Image.open(self.path_of(rel, sample_id, source)) as im:
+                    tiles += self.tiler.tile_count(*im.size, len(rel_paths))
+            except (OSError, ValueError):
+                tiles += 1
+        return tiles * self.nominal_tokens
+
     @cached_property
     def nominal_tokens(self) -> int:
-        """Image tokens of an image as the processor sizes it (a length hint: an image
-        processor that tiles or keeps the aspect ratio may give others more)."""
+        """Image tokens of an image as the processor sizes it, i.e. of one tile when tiling
+        (a length hint: a processor that keeps the aspect ratio may give others more)."""
         return self.tokens_per_image(self([Image.new("RGB", (512, 512))]))
 
     def tokens_per_image(self, pixel_values: torch.Tensor) -> int:

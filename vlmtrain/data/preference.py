@@ -193,8 +193,7 @@ class PairEncoder:
             )
         pixel_values, per_image = None, 0
         if n_images:
-            pixel_values = self.base.images(self._images(sample))
-            per_image = self.base.images.tokens_per_image(pixel_values)
+            pixel_values, per_image = self.base.images.encode(self._images(sample))
         out: dict[str, Any] = {"id": sid, "pixel_values": pixel_values, "truncated": False}
         for name, answer in (("chosen", chosen), ("rejected", rejected)):
             ids, mask = render_messages(

@@ -60,7 +60,7 @@ def build_prompt(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict[str, str]],
     image_token_id: int,
-    tokens_per_image: int,
+    tokens_per_image: int | list[int],  # one count for all images, or one per image
     n_images: int,
     sample_id: str = "?",
     source: str = "?",

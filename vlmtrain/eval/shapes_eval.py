@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.data.images import ImageProcessor
 from vlmtrain.data.shapes import ANSWERS
+from vlmtrain.data.tiling import tiler_for
 from vlmtrain.eval.prompts import EvalSample, build_prompt, read_eval_samples
 
 N_EXAMPLES = 5
@@ -80,9 +81,12 @@ def predict(
     # ("How many shapes are there?"), so identical prompts are rendered once.
     cache: dict[tuple, list[int]] = {}
     for s in samples:
-        pv = images([images.load(p, s.id, source) for p in s.images]) if s.images else None
-        per_image = images.tokens_per_image(pv) if pv is not None else 0
-        key = (tuple((m["role"], m["content"]) for m in s.messages), per_image, len(s.images))
+        pv, per_image = (
+            images.encode([images.load(p, s.id, source) for p in s.images])
+            if s.images
+            else (None, [])
+        )
+        key = (tuple((m["role"], m["content"]) for m in s.messages), tuple(per_image))
         if key not in cache:
             cache[key] = build_prompt(
                 tokenizer, s.messages, model.image_token_id, per_image, len(s.images), s.id, source
@@ -167,8 +171,9 @@ def evaluate_split(
         if isinstance(image_processor, ImageProcessor)
         else image_processor
     )
+    tiler = image_processor.tiler if isinstance(image_processor, ImageProcessor) else None
     images = ImageProcessor(
-        processor, model.vision_spec.patch_size, image_root, model.token_downsample
+        processor, model.vision_spec.patch_size, image_root, model.token_downsample, tiler=tiler
     )
     if chance is None:
         chance = chance_levels(samples_path.parent, _split_of(samples_path))
@@ -214,6 +219,14 @@ def evaluate_artifact(
     model, tokenizer, model_cfg = load_model(Path(artifact_dir), device=device)
     model.eval()
     processor = load_image_processor(artifact_dir, model_cfg, model.vision_spec)
+    # The artifact's own tiling (model.tiling), with tiles of its tower's resolution.
+    images = ImageProcessor(
+        processor,
+        model.vision_spec.patch_size,
+        data_root,
+        model.token_downsample,
+        tiler=tiler_for(model_cfg, model.vision_spec.image_size),
+    )
     results: dict[str, Any] = {}
     with torch.no_grad():
         for split in splits:
@@ -227,7 +240,7 @@ def evaluate_artifact(
                     results[key] = evaluate_split(
                         model,
                         tokenizer,
-                        processor,
+                        images,
                         path,
                         data_root,
                         batch_size=batch_size,
