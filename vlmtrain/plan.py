@@ -23,7 +23,12 @@ from vlmtrain.objectives.registry import objective_for
 from vlmtrain.recipe import check_order, stage_config, stage_list
 
 console = Console()
-SHARDED = {"fsdp": "all", "deepspeed_stage_3": "all", "deepspeed_stage_2": "grads+optim"}
+SHARDED = {
+    "fsdp": "all",
+    "deepspeed_stage_3": "all",
+    "deepspeed_stage_2": "grads+optim",
+    "deepspeed_stage_1": "optim",
+}
 
 
 def _bytes_per_param(precision: str) -> int:
@@ -62,6 +67,8 @@ def estimate_memory(
     shard = SHARDED.get(trainer.strategy)
     if shard == "all":
         weights, grads, optim = weights / devices, grads / devices, optim / devices
+    elif shard == "optim":
+        optim = optim / devices
     elif shard:
         grads, optim = grads / devices, optim / devices
     # Activations kept for backward: ~34 bytes x hidden per token per layer (no recompute,
