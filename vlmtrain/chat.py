@@ -45,8 +45,41 @@ def _from_artifact(path: Path) -> tuple[Any, Any, str]:
         check_exportable(model_cfg)
     except NotExportable as e:
         why = str(e).split(":")[0]
+        if model_cfg.tiling.enabled:
+            processor = _TiledProcessor(processor, model, model_cfg)
         return _VlmtrainGenerator(model), processor, f"vlmtrain's model ({why}; not exportable)"
     return build_llava(model, tokenizer, model_cfg), processor, f"{path} as Llava"
+
+
+class _TiledProcessor:
+    """The Llava processor's chat template and tokenizer with the image inputs a tiled
+    model trained on (model.tiling): the image cut as in training, its placeholder repeated
+    tiles x tokens per tile (vlmtrain.data.images.ImageProcessor.encode)."""
+
+    def __init__(self, processor, model, model_cfg):
+        from vlmtrain.data.images import ImageProcessor
+        from vlmtrain.data.tiling import tiler_for
+
+        spec = model.vision_spec
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self.image_token = model_cfg.image_token
+        self.images = ImageProcessor(
+            processor.image_processor,
+            spec.patch_size,
+            ".",
+            model.token_downsample,
+            tiler=tiler_for(model_cfg, spec.image_size),
+        )
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.processor.apply_chat_template(*args, **kwargs)
+
+    def __call__(self, images, text, return_tensors="pt"):
+        pixels, counts = self.images.encode(images)
+        expanded = text.replace(self.image_token, self.image_token * counts[0], 1)
+        # The tokenizer call the Llava processor makes after its own expansion.
+        inputs = dict(self.tokenizer(expanded, return_tensors=return_tensors))
+        return {**inputs, "pixel_values": pixels}
 
 
 class _VlmtrainGenerator:

@@ -59,6 +59,12 @@ def check_exportable(model_cfg) -> None:
         raise NotExportable(
             f"model.vision.type={vision.type!r}: export supports {EXPORTABLE_TOWERS} towers"
         )
+    if model_cfg.get("tiling") is not None and model_cfg.tiling.enabled:
+        raise NotExportable(
+            "model.tiling.enabled=true: the model was trained on each image as a grid of "
+            "tiles plus a thumbnail (vlmtrain.data.tiling), which Llava's processor (one "
+            "image, one tower input) does not reproduce; evaluate it with `vlmtrain eval`"
+        )
     if projector.type == "pixel_shuffle_mlp":
         raise NotExportable(
             "model.projector.type=pixel_shuffle_mlp: its token and channel order match "

@@ -21,6 +21,7 @@ from vlmtrain.data.images import ImageProcessor
 from vlmtrain.data.preference import PairEncoder, collate_pairs, load_pairs
 from vlmtrain.data.samples import read_records
 from vlmtrain.data.shapes_world import COLOURS, SHAPES
+from vlmtrain.data.tiling import tiler_for
 from vlmtrain.eval.prompts import read_eval_samples
 from vlmtrain.objectives.reference import pair_logps
 
@@ -96,7 +97,11 @@ def preference_results(
     from vlmtrain.eval.shapes_eval import CAPTION_MAX_NEW_TOKENS, predict
 
     images = ImageProcessor(
-        processor, model.vision_spec.patch_size, data_root, model.token_downsample
+        processor,
+        model.vision_spec.patch_size,
+        data_root,
+        model.token_downsample,
+        tiler=tiler_for(model_cfg, model.vision_spec.image_size),
     )
     out: dict[str, Any] = {}
     for split in splits:
