@@ -70,8 +70,10 @@ def main() -> int:
         arm: json.loads((out / arm / "sft" / "eval" / "eval.json").read_text()) for arm in args.arms
     }
     types = sorted(results[args.arms[0]][SPLITS[0]]["per_type"])
-    header = "| arm | image tokens | wall s | " + " | ".join(
-        f"{s} overall | " + " | ".join(types) for s in SPLITS
+    header = (
+        "| arm | image tokens | wall s | "
+        + " | ".join(f"{s} overall | " + " | ".join(types) for s in SPLITS)
+        + " |"
     )
     rows = [header, "|" + "---|" * (3 + (1 + len(types)) * len(SPLITS))]
     for arm in args.arms:
