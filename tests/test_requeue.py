@@ -127,12 +127,41 @@ def test_submitit_requeue_protocol_resumes_the_job(shapes_root, tmp_path):
     signal_when_logged(proc, metrics, 1, signal.SIGUSR2, pid=lambda: _job_process(proc.pid))
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
-    logs = "".join(p.read_text() for p in (tmp_path / "sub" / ".submitit").rglob("*.err"))
+    logs = "".join(p.read_text() for p in (tmp_path / "sub" / ".submitit").rglob("*_log.*"))
     assert "SIGUSR2 received: checkpoint saved at step" in logs
-    assert "Requeued job" in logs
+    assert "Calling checkpoint method" in logs and "Requeued job" in logs
     # One job, no swept key: trained in the run directory itself, as without -m.
     assert (tmp_path / "sub" / "align" / "artifact" / "manifest.json").is_file()
     invocations = (tmp_path / "sub" / "align" / "invocations.jsonl").read_text().splitlines()
     assert [json.loads(x)["resumed"] for x in invocations] == [False, True]
     want = losses(tmp_path / "straight" / "align" / "logs" / "csv" / "metrics.csv")
     assert losses(metrics) == want
+
+
+@pytest.mark.parametrize(
+    "env, job",
+    [
+        ({"SLURM_JOB_ID": "123"}, "123"),
+        ({"SLURM_JOB_ID": "130", "SLURM_ARRAY_JOB_ID": "128", "SLURM_ARRAY_TASK_ID": "2"}, "128_2"),
+    ],
+)
+def test_under_plain_slurm_rank_zero_requeues_the_job(tmp_path, monkeypatch, capsys, env, job):
+    """Without submitit, under sbatch/srun: `scontrol requeue <job>` (an array task by its
+    array id), then the requeue exit code."""
+    from vlmtrain.requeue import RequeueRequested, _requeue
+
+    record = tmp_path / "scontrol.args"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" > {record}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exit_:
+        _requeue(RequeueRequested(signal.SIGUSR1, 7, "step-0000007.ckpt"), signal.SIG_DFL)
+    assert exit_.value.code == EXIT_REQUEUE
+    assert record.read_text().split() == ["requeue", job]
+    assert f"requeued SLURM job {job}" in capsys.readouterr().err

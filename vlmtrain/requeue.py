@@ -84,23 +84,27 @@ def requeue_on_signal(name: str | None):
 
 def _requeue(e: RequeueRequested, previous) -> None:
     rank = rank_zero_only.rank
-    print(f"vlmtrain: {e}", file=sys.stderr, flush=True)
+    if rank == 0:
+        print(f"vlmtrain: {e}", file=sys.stderr, flush=True)
     if _is_submitit(previous):
-        # Rank 0 dumps the launcher's DelayedSubmission, requeues and exits; the other
-        # ranks return from it and wait to be stopped by the requeue.
+        # Rank 0 dumps the launcher's DelayedSubmission, requeues the job and exits; on
+        # the other ranks submitit's handler does nothing.
         previous(e.signum, None)
         sys.exit(0)
-    if rank == 0 and (job := _slurm_job_id()) is not None:
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        if done.returncode == 0:
+    job = _slurm_job_id()
+    if job is not None and rank != 0:
+        sys.exit(0)  # a failed task could make srun stop rank 0 before it requeues the job
+    if job is not None:
+        try:
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            failure = done.stderr.strip() if done.returncode else None
+        except OSError as err:
+            failure = str(err)
+        if failure is None:
             print(f"vlmtrain: requeued SLURM job {job}", file=sys.stderr)
-        else:
-            print(
-                f"vlmtrain: `scontrol requeue {job}` failed ({done.stderr.strip()}); "
-                "submit the same command again to resume",
-                file=sys.stderr,
-            )
-    elif rank == 0:
+            sys.exit(EXIT_REQUEUE)
+        print(f"vlmtrain: `scontrol requeue {job}` failed: {failure}", file=sys.stderr)
+    if rank == 0:
         print("vlmtrain: run the same command again to resume", file=sys.stderr)
     sys.exit(EXIT_REQUEUE)
 
