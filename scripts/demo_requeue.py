@@ -69,6 +69,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     common = [
         "stage=sft",
+        "stage.allow_frozen_fresh=true",  # SFT from scratch: only the requeue is compared
         f"stage.max_steps={a.steps}",
         f"trainer.checkpoint_every={a.checkpoint_every}",
         "trainer.num_threads=1",
