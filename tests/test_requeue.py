@@ -96,6 +96,33 @@ def test_requeue_signal_saves_at_the_next_step_and_the_same_command_resumes_exac
     assert manifest["metrics"]["steps"] == 14
 
 
+@pytest.mark.slow
+def test_requeue_signal_to_one_rank_stops_both_at_the_same_step(shapes_root, tmp_path):
+    """Two gloo ranks, the signal to rank 0 only: the ranks agree at the next step
+    boundary, save one checkpoint together and stop; the same command resumes both."""
+    args = [
+        *base_args(shapes_root, tmp_path),
+        "stage=align",
+        "trainer=ddp_cpu",
+        "stage.max_steps=10",
+        "trainer.checkpoint_every=4",
+        "run_name=ddp",
+    ]
+    stage_dir = tmp_path / "ddp" / "align"
+    metrics = stage_dir / "logs" / "csv" / "metrics.csv"
+    proc = start(args, cwd=tmp_path)
+    signal_when_logged(proc, metrics, 1, signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_REQUEUE, stderr[-3000:]
+    saved = sorted((stage_dir / "checkpoints").glob("step-*.ckpt"))
+    ckpt = torch.load(saved[-1], weights_only=True, mmap=True)
+    assert ckpt["global_step"] == max(logged_steps(metrics)) + 1 < 10
+    assert ckpt["vlmtrain"]["world_size"] == 2
+    vlmtrain(args, cwd=tmp_path)
+    assert len(losses(metrics)) == 10
+    assert (stage_dir / "artifact" / "manifest.json").is_file()
+
+
 def _job_process(parent: int) -> int:
     """The submitit task process (the one that trains) under the sweep's main process."""
     for child in psutil.Process(parent).children(recursive=True):
