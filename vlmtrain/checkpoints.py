@@ -124,6 +124,13 @@ class KeepNewestCheckpoints(ModelCheckpoint):
             and Path(self.dirpath).absolute() in Path(previous).absolute().parents
         )
 
+    def save_now(self, trainer) -> str:
+        """This step's checkpoint, saved now (a requeue's) and kept like a periodic one;
+        its path. A step already saved is not saved again."""
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        return self._last_checkpoint_saved
+
 
 def checkpoint_callback(ckpt_dir: Path, every_n_steps: int, keep: int) -> ModelCheckpoint:
     if keep < 1:

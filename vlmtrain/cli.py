@@ -22,7 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vlmtrain.config import register_configs
-from vlmtrain.sweep import register_resolvers
+from vlmtrain.requeue import requeue_on_signal
+from vlmtrain.sweep import check_objective, objective, register_resolvers
 
 
 def conf_dir() -> str:
@@ -56,18 +57,26 @@ def _quiet_lightning() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def train_main(cfg: DictConfig) -> None:
+def train_main(cfg: DictConfig) -> float | None:
+    """Train (or plan) the configured run; the value of ``sweep.metric`` when it is set,
+    for a Hydra sweeper (vlmtrain.sweep.objective)."""
     from vlmtrain.recipe import run_recipe
 
     _quiet_lightning()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with _also_to_log(run_dir / f"{HydraConfig.get().job.name}.log"), _one_line_errors():
+    with (
+        _also_to_log(run_dir / f"{HydraConfig.get().job.name}.log"),
+        _one_line_errors(),
+        requeue_on_signal(cfg.trainer.requeue_signal),
+    ):
         if cfg.plan:
             from vlmtrain.plan import plan_recipe
 
             plan_recipe(cfg, run_dir)
-            return
-        run_recipe(cfg, run_dir)
+            return None
+        check_objective(cfg)
+        rows = run_recipe(cfg, run_dir)
+        return objective(cfg, rows, run_dir)
 
 
 # Errors whose message is the whole story: vlmtrain raises them with the key, file or

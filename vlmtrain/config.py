@@ -270,6 +270,10 @@ class TrainerConfig:
     # Memory of one device for the plan's warning: GiB or a known GPU (h100, a100-40gb, ...;
     # vlmtrain.hardware). None: the visible GPU's, else an assumed A100-80GB.
     device_memory: Any = None
+    # On this signal (SLURM's warning before a time limit or a pre-emption) the next
+    # optimizer step saves a checkpoint and the job exits to be requeued (vlmtrain.requeue).
+    # cluster=slurm sets submitit's (SIGUSR2); null leaves the signal's default action.
+    requeue_signal: str | None = "SIGUSR1"
 
 
 @dataclass
@@ -277,6 +281,18 @@ class LoggerConfig:
     type: str = "csv"  # csv | wandb | tensorboard
     project: str = "vlmtrain"
     mode: str = "offline"  # wandb: offline unless the user asks for online
+
+
+@dataclass
+class SweepConfig:
+    """What a run returns to a Hydra sweeper (``-m``): the Optuna sweeper optimizes it, and
+    every sweep's summary ranks its jobs by it (vlmtrain.sweep.objective)."""
+
+    # A metric of the stage's artifact (train/loss, val/loss, tokens_seen, ...) or
+    # eval/<split> (exact-match accuracy of an eval split). None: the run returns nothing.
+    metric: str | None = None
+    stage: str | None = None  # the stage it is read from; None: the recipe's last stage
+    direction: str = "minimize"  # minimize | maximize (the Optuna sweeper's direction too)
 
 
 @dataclass
@@ -301,6 +317,7 @@ class VLMTrainConfig:
     smoke_steps: int | None = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def dataset_config(data: Any, name: str) -> DatasetConfig:

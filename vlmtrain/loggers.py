@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from vlmtrain.durable import atomic_write
 from vlmtrain.records import trainings_set_aside
 
 
@@ -53,21 +56,38 @@ def build_logger(cfg: DictConfig, stage_dir: Path, *, fresh_start: bool = False)
             TensorBoardLogger(save_dir=stage_dir, name="logs", version="tensorboard"),
         ]
     if kind == "wandb":
-        # The id comes from the stage directory and its training (a stage restarted from
-        # scratch is a new run), so a resumed stage continues the same wandb run.
-        training = trainings_set_aside(stage_dir) + (fresh_start and (stage_dir / "logs").exists())
-        key = f"{stage_dir.resolve()}#{training}" if training else str(stage_dir.resolve())
-        run_id = hashlib.sha1(key.encode()).hexdigest()[:12]
         wandb = WandbLogger(
             project=cfg.logger.project,
             name=f"{cfg.run_name}/{cfg.stage.name}",
-            id=run_id,
+            id=wandb_run_id(stage_dir, fresh_start),
             resume="allow",
             save_dir=str(stage_dir),
             mode=cfg.logger.mode,
         )
         return [csv_logger, wandb]
     raise ValueError(f"logger.type={kind!r}: expected csv, tensorboard or wandb")
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(stage_dir: Path, fresh_start: bool) -> str:
+    """The stage's wandb run id, kept in ``<stage>/wandb_run_id``: a resumed stage (a
+    requeued job, a re-run command) continues the same wandb run, wherever the run
+    directory has moved since; a stage trained from scratch starts a new run."""
+    path = Path(stage_dir) / WANDB_ID_FILE
+    if not fresh_start and path.is_file():
+        return path.read_text().strip()
+    if not fresh_start:
+        # Begun by a vlmtrain that kept no id file: the id it derived from the directory.
+        training = trainings_set_aside(stage_dir)
+        key = f"{stage_dir.resolve()}#{training}" if training else str(stage_dir.resolve())
+        run_id = hashlib.sha1(key.encode()).hexdigest()[:12]
+    else:
+        run_id = uuid.uuid4().hex[:12]
+    if rank_zero_only.rank == 0:  # other ranks log nothing to wandb
+        atomic_write(path, lambda f: f.write(run_id.encode()))
+    return run_id
 
 
 def log_location(logger: Logger) -> str:

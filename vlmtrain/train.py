@@ -60,6 +60,7 @@ from vlmtrain.records import (
     set_aside_previous,
     write_stage_record,
 )
+from vlmtrain.requeue import RequeueAtStepBoundary, slurm_plugins
 from vlmtrain.runtime import keep_freed_memory
 
 console = Console()
@@ -163,6 +164,8 @@ def build_trainer(
     ]
     if cfg.trainer.progress_bar:
         callbacks.append(RichProgressBar())
+    if cfg.trainer.requeue_signal:
+        callbacks.append(RequeueAtStepBoundary(cfg.trainer.requeue_signal))
     if os.environ.get(KILL_ENV):
         callbacks.append(KillAfterStep(int(os.environ[KILL_ENV])))
     return L.Trainer(
@@ -184,7 +187,7 @@ def build_trainer(
         enable_model_summary=False,
         deterministic=cfg.trainer.deterministic,
         default_root_dir=stage_dir,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *slurm_plugins()],
         use_distributed_sampler=False,  # the datamodule shards by rank itself
     )
 
