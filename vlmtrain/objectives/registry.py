@@ -17,6 +17,7 @@ OBJECTIVES = {
     "next_token": "vlmtrain.objectives.next_token",
     "preference": "vlmtrain.objectives.preference_module",
     "aim": "vlmtrain.objectives.aim",
+    "grpo": "vlmtrain.objectives.grpo",
 }
 
 
