@@ -87,14 +87,20 @@ def test_grpo_stage_is_killed_and_resumes_exactly(shapes_root, tmp_path):
 def test_grpo_config_errors_name_the_keys(compose):
     from vlmtrain.objectives.registry import objective_for
 
+    from omegaconf import OmegaConf
+
     check = objective_for("grpo").check
-    check(compose("stage=grpo"))
+    base = compose("stage=grpo")
+    check(base)
     bad = {
-        "stage.grpo.iterations=2": "stage.max_steps (3)",
-        "stage.grpo.reference=none": "beta=0",
-        "stage.grpo.loss_type=ppo": "loss_type='ppo'",
+        ("stage.grpo.iterations", 2): "stage.max_steps (3)",
+        ("stage.grpo.reference", "none"): "beta=0",
+        ("stage.grpo.loss_type", "ppo"): "loss_type='ppo'",
     }
-    for override, message in bad.items():
+    for (key, value), message in bad.items():
+        cfg = base.copy()
+        OmegaConf.update(cfg, "stage.max_steps", 3)
+        OmegaConf.update(cfg, key, value)
         with pytest.raises(ValueError, match="stage.grpo") as e:
-            check(compose("stage=grpo", "stage.max_steps=3", override))
-        assert message in str(e.value), (override, str(e.value))
+            check(cfg)
+        assert message in str(e.value), (key, str(e.value))

@@ -219,6 +219,25 @@ class GrpoConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """objective=generate (vlmtrain.objectives.generate): sample completions of each prompt,
+    score each by its agreement with the others (minimum Bayes risk), and write them as a
+    data set later stages read (``from:<stage>/sft.jsonl`` or ``from:<stage>/pref.jsonl``)."""
+
+    num_samples: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # exact (final answers equal, for short answers) | token_f1 (word-overlap F1, for long
+    # ones) | a dotted path to a callable (a, b) -> similarity in [0, 1]
+    similarity: str = "exact"
+    answer_marker: str = "answer:"
+    # sft.jsonl keeps a prompt only when its best sample agrees at least this much with the
+    # others (0: every prompt); samples.jsonl keeps every prompt.
+    min_consistency: float = 0.5
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     objective: str = "next_token"
@@ -259,6 +278,7 @@ class StageConfig:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     aim: AimConfig = field(default_factory=AimConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 # --------------------------------------------------------------------------- trainer

@@ -59,6 +59,7 @@ from vlmtrain.records import (
     set_aside_previous,
     write_stage_record,
 )
+from vlmtrain.data.stage_data import resolve_stage_data
 from vlmtrain.runtime import keep_freed_memory
 
 console = Console()
@@ -203,6 +204,7 @@ def make_encoder(cfg: DictConfig, model: VisionLanguageModel, tokenizer) -> Samp
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     """Train ``cfg.stage`` in ``run_dir/<stage name>``; return its artifact directory."""
+    cfg = resolve_stage_data(cfg, run_dir)  # data an earlier stage wrote (from:<stage>/<file>)
     stage = cfg.stage
     stage_dir = Path(run_dir) / stage.name
     artifact_dir = stage_dir / "artifact"

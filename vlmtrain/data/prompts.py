@@ -108,6 +108,7 @@ def prompt_micro_batches(batch: dict, size: int):
         keep = int(mask.sum(0).nonzero()[0]) if mask.any() else 0  # drop all-pad columns
         yield {
             "ids": batch["ids"][lo:hi],
+            "datasets": batch["datasets"][lo:hi],
             "input_ids": batch["input_ids"][lo:hi, keep:],
             "attention_mask": mask[:, keep:],
             "pixel_values": pixels,

@@ -18,6 +18,7 @@ OBJECTIVES = {
     "preference": "vlmtrain.objectives.preference_module",
     "aim": "vlmtrain.objectives.aim",
     "grpo": "vlmtrain.objectives.grpo",
+    "generate": "vlmtrain.objectives.generate",
 }
 
 
