@@ -85,9 +85,9 @@ def test_grpo_stage_is_killed_and_resumes_exactly(shapes_root, tmp_path):
 
 
 def test_grpo_config_errors_name_the_keys(compose):
-    from vlmtrain.objectives.registry import objective_for
-
     from omegaconf import OmegaConf
+
+    from vlmtrain.objectives.registry import objective_for
 
     check = objective_for("grpo").check
     base = compose("stage=grpo")

@@ -45,6 +45,7 @@ from vlmtrain.data.encode import SampleEncoder
 from vlmtrain.data.fingerprint import data_fingerprints
 from vlmtrain.data.images import ImageLimits, ImageProcessor
 from vlmtrain.data.quality import DataQuality
+from vlmtrain.data.stage_data import resolve_stage_data
 from vlmtrain.hardware import check_strategy
 from vlmtrain.loggers import build_logger, log_location
 from vlmtrain.model.freezing import apply_trainable, parameter_table
@@ -59,7 +60,6 @@ from vlmtrain.records import (
     set_aside_previous,
     write_stage_record,
 )
-from vlmtrain.data.stage_data import resolve_stage_data
 from vlmtrain.runtime import keep_freed_memory
 
 console = Console()

@@ -127,7 +127,7 @@ def _raw_prompts(datamodule) -> dict[str, dict]:
     """(dataset/id) -> what the written records keep of each prompt."""
     out = {}
     for name in datamodule.stage.mixture:
-        path = getattr(datamodule.datasets[name], "train")
+        path = datamodule.datasets[name].train
         for s in datamodule.read(path):
             turns = [
                 {"from": "human" if m["role"] == "user" else m["role"], "value": m["content"]}
