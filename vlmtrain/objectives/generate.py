@@ -37,7 +37,7 @@ from vlmtrain.objectives.consistency import (
 )
 from vlmtrain.objectives.grpo import sampling_seed
 from vlmtrain.objectives.registry import Objective
-from vlmtrain.objectives.rollout import sample_completions
+from vlmtrain.objectives.rollout import kv_cache_bytes, sample_completions
 
 FILES = ("samples.jsonl", "sft.jsonl", "pref.jsonl")
 
@@ -166,4 +166,12 @@ def _build(cfg, model, tokenizer, encoder, stage_dir):
     return module, datamodule
 
 
-OBJECTIVE = Objective(build=_build, check=_check)
+def _extra_memory(cfg, counts: dict[str, tuple[int, int]], bytes_per_param: int) -> dict:
+    """The generation's KV cache: num_samples completions of each prompt of a micro-batch."""
+    g = cfg.stage.generate
+    sequences = cfg.stage.batch_size * g.num_samples
+    length = cfg.stage.max_length + g.max_new_tokens
+    return {"generation_kv_cache": kv_cache_bytes(cfg.model.lm, length, sequences, bytes_per_param)}
+
+
+OBJECTIVE = Objective(build=_build, check=_check, extra_memory=_extra_memory)

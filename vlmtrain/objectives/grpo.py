@@ -38,6 +38,7 @@ from vlmtrain.objectives.rewards import resolve_rewards, score
 from vlmtrain.objectives.rollout import (
     Rollout,
     completion_token_logps,
+    kv_cache_bytes,
     repeat_features,
     sample_completions,
 )
@@ -296,28 +297,16 @@ def _build(cfg, model, tokenizer, encoder, stage_dir):
     return GrpoModule(model, cfg.stage, tokenizer, cfg.seed), datamodule
 
 
-def _extra_memory(
-    cfg, counts: dict[str, tuple[int, int]], bytes_per_param: int
-) -> dict[str, float]:
-    """The reference copy, and the generation's KV cache: every layer's keys and values
-    for G completions of each prompt of a micro-batch at full length."""
-    g, lm = cfg.stage.grpo, cfg.model.lm
+def _extra_memory(cfg, counts: dict[str, tuple[int, int]], bytes_per_param: int) -> dict:
+    """The reference copy, and the generation's KV cache: G completions of each prompt of
+    a micro-batch at full length."""
+    g = cfg.stage.grpo
     total = sum(t + f for t, f in counts.values())
-    heads = lm.num_key_value_heads or lm.num_attention_heads
-    head_dim = lm.hidden_size // lm.num_attention_heads
+    sequences = cfg.stage.batch_size * g.num_generations
     length = cfg.stage.max_length + g.max_new_tokens
-    kv = (
-        2
-        * lm.num_hidden_layers
-        * heads
-        * head_dim
-        * length
-        * cfg.stage.batch_size
-        * g.num_generations
-    )
     return {
         "reference": total * bytes_per_param if g.reference == "copy" else 0.0,
-        "generation_kv_cache": kv * bytes_per_param,
+        "generation_kv_cache": kv_cache_bytes(cfg.model.lm, length, sequences, bytes_per_param),
     }
 
 

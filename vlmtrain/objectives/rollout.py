@@ -46,6 +46,14 @@ class Rollout:
         return self.completion_mask.sum(1)
 
 
+def kv_cache_bytes(lm_cfg, length: int, sequences: int, bytes_per_value: int) -> float:
+    """The KV cache of ``sequences`` generated to ``length`` tokens (keys and values of every
+    layer), from the LM's config dimensions; for the plan's memory estimate."""
+    heads = lm_cfg.num_key_value_heads or lm_cfg.num_attention_heads
+    head_dim = lm_cfg.hidden_size // lm_cfg.num_attention_heads
+    return 2.0 * lm_cfg.num_hidden_layers * heads * head_dim * length * sequences * bytes_per_value
+
+
 def left_pad(prompts: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of any lengths -> (B, P) ids and attention mask, padded on the left."""
     length = max(len(p) for p in prompts)
