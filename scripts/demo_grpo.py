@@ -5,9 +5,10 @@ The relative-position questions ("Where is the yellow circle relative to the ora
 square?") are the weakest type after the tiny recipe. Their answers are rewritten in a
 short reasoning format, "locate A, locate B, compare":
 
-    yellow circle at column 2 row 6. orange square at column 4 row 3. answer: below
+    yellow circle is 2 6. orange square is 4 3. answer: below
 
-(columns and rows of the 8 x 8 patch grid). From a finished SFT artifact:
+(column and row of each object's centre on the 8 x 8 patch grid; every word is one of
+the shapes tokenizer's tokens, so the format costs no new vocabulary). From a finished SFT artifact:
 
 1. ``reason``: SFT on the reasoning answers (the other question types mixed in, plain),
    the common start of every arm;
@@ -40,12 +41,12 @@ ARMS = ("reason", "sft_more", "grpo", "consistency")
 
 
 def reasoning_answer(record: dict) -> str:
-    """'A at column c row r. B at column c row r. answer: <relation>' from the scene."""
+    """'A is <column> <row>. B is <column> <row>. answer: <relation>' from the scene."""
     parts = []
     for colour, shape in record["about"]:
         (obj,) = [o for o in record["objects"] if (o["colour"], o["shape"]) == (colour, shape)]
         x0, y0, x1, y1 = obj["bbox"]
-        parts.append(f"{colour} {shape} at column {(x0 + x1) // 16} row {(y0 + y1) // 16}.")
+        parts.append(f"{colour} {shape} is {(x0 + x1) // 16} {(y0 + y1) // 16}.")
     return " ".join(parts) + f" answer: {record['answer']}"
 
 
@@ -154,7 +155,7 @@ def main() -> None:
         return [
             *common, *init(start), f"run_name={name}", "stage=sft", f"stage.max_steps={steps}",
             "stage.batch_size=32", "stage.loss_reduction=square", "stage.val_every=0",
-            "stage.optim.lr=3e-4", "stage.trainable.vision=true", "stage.trainable.lr_mult.vision=0.5",
+            "stage.optim.lr=1e-4", "stage.trainable.vision=true", "stage.trainable.lr_mult.vision=0.5",
             "~stage.mixture.instruct", *[f"+stage.mixture.{k}={v}" for k, v in mixture.items()],
             *extra,
         ]  # fmt: skip
@@ -180,6 +181,7 @@ def main() -> None:
         *common, *init(reason), "run_name=consistency", "stage=generate",
         "~stage.mixture.vqa", "+stage.mixture.reason=1.0", "stage.batch_size=8",
         f"stage.max_steps={args.generate_prompts // 8}", "stage.generate.max_new_tokens=32",
+        "stage.generate.min_consistency=0.4",
     ]  # fmt: skip
     vlmtrain(generate, logs / "generate.log")
     gen_time = manifest(runs / "consistency" / "generate")["metrics"]["wall_time_s"]

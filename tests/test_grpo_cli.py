@@ -104,3 +104,14 @@ def test_grpo_config_errors_name_the_keys(compose):
         with pytest.raises(ValueError, match="stage.grpo") as e:
             check(cfg)
         assert message in str(e.value), (key, str(e.value))
+
+
+@pytest.mark.slow
+def test_grpo_on_two_cpu_ranks(shapes_root, tmp_path):
+    """Two gloo ranks sample their own prompts' groups (seeded by rank), reduce the step's
+    normalizer and metrics over both, and write one artifact."""
+    args = _args(shapes_root, tmp_path, "stage.max_steps=2", "stage.accumulate=1")
+    vlmtrain([*args, "trainer=ddp_cpu", "run_name=ddp"], cwd=tmp_path)
+    rows = _rows(tmp_path / "ddp" / "grpo" / "logs" / "csv" / "metrics.csv")
+    assert len(rows) == 2 and float(rows[-1]["train/kl"]) > 0.0
+    assert (tmp_path / "ddp" / "grpo" / "artifact" / "manifest.json").is_file()

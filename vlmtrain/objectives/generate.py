@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from vlmtrain.checkpoints import world_size_of
 from vlmtrain.data.prompts import PromptDataModule, prompt_micro_batches
 from vlmtrain.objectives.common import StageModule
 from vlmtrain.objectives.consistency import (
@@ -156,6 +157,11 @@ def _check(cfg) -> None:
             f"{'/'.join(moving) or 'lora'} to false"
         )
     similarity_for(g.similarity, g.answer_marker, f"{key}.similarity")
+    if world_size_of(cfg.trainer) > 1:  # rank 0 writes the files and holds only its rows
+        raise ValueError(
+            f"stage {cfg.stage.name!r} (objective=generate) runs in one process; "
+            "set trainer.devices=1 and trainer.num_nodes=1 for it"
+        )
 
 
 def _build(cfg, model, tokenizer, encoder, stage_dir):

@@ -285,8 +285,11 @@ def check_grpo(cfg) -> None:
             f"({cfg.trainer.checkpoint_every}) must be a multiple of it, so checkpoints fall "
             "between generation batches"
         )
-    if g.temperature < 0 or not 0 < g.top_p <= 1 or g.max_new_tokens < 1:
-        raise ValueError(f"{key}: temperature >= 0, top_p in (0, 1] and max_new_tokens >= 1")
+    if g.temperature <= 0 or not 0 < g.top_p <= 1 or g.max_new_tokens < 1:
+        raise ValueError(
+            f"{key}: temperature > 0 (a group of greedy answers is one answer), top_p in "
+            "(0, 1] and max_new_tokens >= 1"
+        )
     if not 0 <= g.epsilon_low < 1 or g.epsilon_high < 0:
         raise ValueError(f"{key}: epsilon_low in [0, 1), epsilon_high >= 0")
     resolve_rewards(g, f"{key}.rewards")
