@@ -129,6 +129,9 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True, help="the shapes data it was trained on")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo_grpo")
     p.add_argument("--reason-steps", type=int, default=600)
+    p.add_argument(
+        "--reason", type=Path, default=None, help="the reason stage's artifact of an earlier run"
+    )
     p.add_argument("--grpo-steps", type=int, default=120)
     p.add_argument("--generate-prompts", type=int, default=800)
     p.add_argument("--eval-limit", type=int, default=None, help="samples per split")
@@ -163,9 +166,10 @@ def main() -> None:
     runs, logs = out / "runs", out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     mix = {"reason": 0.5, "other": 0.5}
-    vlmtrain(sft("reason", args.sft, args.reason_steps, mix), logs / "reason.log")
-    reason = runs / "reason" / "sft" / "artifact"
-    sft_step = median_step_time(runs / "reason" / "sft")
+    if args.reason is None:
+        vlmtrain(sft("reason", args.sft, args.reason_steps, mix), logs / "reason.log")
+    reason = args.reason or runs / "reason" / "sft" / "artifact"
+    sft_step = median_step_time(reason.parent)
 
     grpo = [
         *common, *init(reason), "run_name=grpo", "stage=grpo", f"stage.max_steps={args.grpo_steps}",
