@@ -134,6 +134,7 @@ def main() -> None:
     )
     p.add_argument("--grpo-steps", type=int, default=120)
     p.add_argument("--generate-prompts", type=int, default=800)
+    p.add_argument("--temperature", type=float, default=0.7, help="GRPO's and generate's")
     p.add_argument("--eval-limit", type=int, default=None, help="samples per split")
     args = p.parse_args()
     out, data = args.out.resolve(), args.data.resolve()
@@ -175,6 +176,7 @@ def main() -> None:
         *common, *init(reason), "run_name=grpo", "stage=grpo", f"stage.max_steps={args.grpo_steps}",
         "~stage.mixture.vqa", "+stage.mixture.reason=1.0", "stage.batch_size=8",
         "stage.grpo.max_new_tokens=32", "stage.grpo.num_generations=8", "stage.optim.lr=1e-4",
+        f"stage.grpo.temperature={args.temperature}",
     ]  # fmt: skip
     vlmtrain(grpo, logs / "grpo.log")
     budget = manifest(runs / "grpo" / "grpo")["metrics"]["wall_time_s"]
@@ -185,7 +187,7 @@ def main() -> None:
         *common, *init(reason), "run_name=consistency", "stage=generate",
         "~stage.mixture.vqa", "+stage.mixture.reason=1.0", "stage.batch_size=8",
         f"stage.max_steps={args.generate_prompts // 8}", "stage.generate.max_new_tokens=32",
-        "stage.generate.min_consistency=0.4",
+        "stage.generate.min_consistency=0.4", f"stage.generate.temperature={args.temperature}",
     ]  # fmt: skip
     vlmtrain(generate, logs / "generate.log")
     gen_time = manifest(runs / "consistency" / "generate")["metrics"]["wall_time_s"]
