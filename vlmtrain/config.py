@@ -206,6 +206,52 @@ class AimConfig:
 
 
 @dataclass
+class GrpoConfig:
+    """objective=grpo (vlmtrain.objectives.grpo): sample a group of completions per prompt
+    from the current policy, score them with verifiable rewards, and optimize the clipped
+    ratio objective on group-normalized advantages with a KL penalty to a reference."""
+
+    num_generations: int = 8  # G, completions per prompt
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Reward name (exact_match, format, or a dotted path to a callable) -> weight.
+    rewards: dict[str, float] = field(default_factory=lambda: {"exact_match": 1.0})
+    # The final answer follows the last marker (the whole text when there is none).
+    answer_marker: str = "answer:"
+    # The format reward: the whole completion must match (reasoning, then the answer).
+    format_pattern: str = r".+answer:\s*\S.*"
+    loss_type: str = "grpo"  # grpo | dr_grpo | dapo (token-level)
+    # Divide advantages by the group's std; null: yes, except for dr_grpo.
+    scale_rewards: bool | None = None
+    beta: float = 0.04  # KL penalty (k3 estimator); 0 in DAPO
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2  # DAPO's clip-higher: 0.28
+    iterations: int = 1  # optimizer steps per generation batch (mu)
+    # copy | disabled_adapter (LoRA) | none (needs beta=0); as in the preference stage
+    reference: str = "copy"
+
+
+@dataclass
+class GenerateConfig:
+    """objective=generate (vlmtrain.objectives.generate): sample completions of each prompt,
+    score each by its agreement with the others (minimum Bayes risk), and write them as a
+    data set later stages read (``from:<stage>/sft.jsonl`` or ``from:<stage>/pref.jsonl``)."""
+
+    num_samples: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # exact (final answers equal, for short answers) | token_f1 (word-overlap F1, for long
+    # ones) | a dotted path to a callable (a, b) -> similarity in [0, 1]
+    similarity: str = "exact"
+    answer_marker: str = "answer:"
+    # sft.jsonl keeps a prompt only when its best sample agrees at least this much with the
+    # others (0: every prompt); samples.jsonl keeps every prompt.
+    min_consistency: float = 0.5
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     objective: str = "next_token"
@@ -245,6 +291,8 @@ class StageConfig:
     model: dict[str, Any] = field(default_factory=dict)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     aim: AimConfig = field(default_factory=AimConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 # --------------------------------------------------------------------------- trainer

@@ -45,6 +45,7 @@ from vlmtrain.data.encode import SampleEncoder
 from vlmtrain.data.fingerprint import data_fingerprints
 from vlmtrain.data.images import ImageLimits, ImageProcessor
 from vlmtrain.data.quality import DataQuality
+from vlmtrain.data.stage_data import resolve_stage_data
 from vlmtrain.data.tiling import tiler_for
 from vlmtrain.hardware import check_strategy
 from vlmtrain.loggers import build_logger, log_location
@@ -208,6 +209,7 @@ def make_encoder(cfg: DictConfig, model: VisionLanguageModel, tokenizer) -> Samp
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     """Train ``cfg.stage`` in ``run_dir/<stage name>``; return its artifact directory."""
+    cfg = resolve_stage_data(cfg, run_dir)  # data an earlier stage wrote (from:<stage>/<file>)
     stage = cfg.stage
     stage_dir = Path(run_dir) / stage.name
     artifact_dir = stage_dir / "artifact"

@@ -17,6 +17,8 @@ OBJECTIVES = {
     "next_token": "vlmtrain.objectives.next_token",
     "preference": "vlmtrain.objectives.preference_module",
     "aim": "vlmtrain.objectives.aim",
+    "grpo": "vlmtrain.objectives.grpo",
+    "generate": "vlmtrain.objectives.generate",
 }
 
 
