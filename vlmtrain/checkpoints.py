@@ -143,15 +143,17 @@ def checkpoint_callback(ckpt_dir: Path, every_n_steps: int, keep: int) -> ModelC
 class CheckpointRecord(Callback):
     """Writes into every checkpoint what a resume must match."""
 
-    def __init__(self, identity: dict[str, Any], digest: str):
+    def __init__(self, identity: dict[str, Any], digest: str, strategy: str = "auto"):
         self.identity = identity  # as run_stage hashes it: config sections, sources, data
         self.digest = digest
+        self.strategy = strategy  # trainer.strategy: whether another world size can resume
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[RECORD_KEY] = {
             "config_hash": self.digest,
             "identity": self.identity,
             "world_size": trainer.world_size,
+            "strategy": self.strategy,
         }
 
 
@@ -170,7 +172,10 @@ def candidates(ckpt_dir: Path) -> list[Path]:
 def read_checkpoint(path: Path) -> dict:
     """The checkpoint's contents, memory-mapped (tensors are not read); every zip entry's
     CRC is checked first, which is the one read of the file that catches zeroed blocks
-    and flipped bits, not only truncation."""
+    and flipped bits, not only truncation. A sharded checkpoint (a directory, FSDP)
+    gives its metadata file's contents and its tensors' shapes (``SHARDED_SHAPES``)."""
+    if path.is_dir():
+        return read_sharded_checkpoint(path)
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
@@ -184,6 +189,42 @@ def read_checkpoint(path: Path) -> dict:
         raise
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise DamagedCheckpoint(f"it does not load ({str(e).splitlines()[0]})") from None
+
+
+SHARDED_SHAPES = "vlmtrain_sharded_shapes"
+SHARDED_META = "meta.pt"  # Lightning's metadata file in a distributed checkpoint
+
+
+def read_sharded_checkpoint(path: Path) -> dict:
+    """A torch distributed checkpoint directory: Lightning's ``meta.pt`` (loops, callbacks,
+    vlmtrain's record) and, from DCP's own ``.metadata``, every tensor's global shape."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (path / ".metadata").is_file() or not (path / SHARDED_META).is_file():
+        raise DamagedCheckpoint("the sharded checkpoint lacks its .metadata or meta.pt")
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as e:  # DCP raises whatever unpickling its metadata raised
+        raise DamagedCheckpoint(f"its .metadata does not load ({e})") from None
+    # Each rank's shard file, as the metadata names it.
+    shards = {info.relative_path for info in (metadata.storage_data or {}).values()}
+    missing = shards - {p.name for p in path.iterdir()}
+    if missing:
+        raise DamagedCheckpoint(f"shard files missing: {', '.join(sorted(missing))}")
+    try:
+        contents = load_weights_only(path / SHARDED_META, mmap=True)
+    except CheckpointError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise DamagedCheckpoint(f"its meta.pt does not load ({str(e).splitlines()[0]})") from None
+    prefix = "state_dict."
+    contents[SHARDED_SHAPES] = {
+        k[len(prefix) :]: tuple(v.size)
+        for k, v in metadata.state_dict_metadata.items()
+        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
+    }
+    return contents
 
 
 def choose_checkpoint(ckpt_dir: Path, say: Callable[[str], None]) -> tuple[Path, dict] | None:
@@ -238,11 +279,10 @@ def check_compatible(
     if record is None:
         notes.append(f"{path.name} predates checkpoint records: its config was not checked")
     else:
-        if record["world_size"] != world_size:
+        if record["world_size"] != world_size and (why := reshard_refusal(record)):
             raise CheckpointError(
                 f"checkpoint {path} was written by a run of {record['world_size']} processes; "
-                f"this run has {world_size}. Each process's data position is in the checkpoint, "
-                "so resume with the same trainer.devices x trainer.num_nodes. " + restart
+                f"this run has {world_size}. {why} " + restart
             )
         changes = config_diff(record)
         if changes:
@@ -256,7 +296,12 @@ def check_compatible(
             )
     if expected_shapes is None:  # checked before the model exists
         return notes
-    state = contents.get("state_dict", {})
+    state = contents.get("state_dict")
+    if state is None and SHARDED_SHAPES in contents:
+        state = {
+            k: torch.empty(shape, device="meta") for k, shape in contents[SHARDED_SHAPES].items()
+        }
+    state = state or {}
     problems = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {shape}"
         for k, shape in expected_shapes.items()
@@ -275,6 +320,16 @@ def check_compatible(
             + restart
         )
     return notes
+
+
+def reshard_refusal(record: dict) -> str | None:
+    """Why the checkpoint ``record`` describes cannot resume on another number of
+    processes, with what to do; None when it can: the data position is kept as the
+    global number of samples consumed (EpochShuffleSampler), a single-file checkpoint
+    holds full tensors, and a distributed (FSDP) one is resharded on load."""
+    from vlmtrain.engines import reshard_refusal as strategy_refusal
+
+    return strategy_refusal(record.get("strategy", "auto"))
 
 
 def world_size_of(trainer: DictConfig) -> int:

@@ -46,6 +46,9 @@ class StageModule(L.LightningModule):
         self.stage = stage
         self.automatic_optimization = False
         self.tokens_seen = 0  # non-padding tokens (text + image) over all ranks
+        # trainer.strategy=fsdp: the unsharded, meta-device copy of the children
+        # (configure_model) that the artifact's full weights are consolidated into.
+        self.sharded_skeleton: dict[str, torch.nn.Module] | None = None
 
     def optimized_components(self) -> dict[str, torch.nn.Module]:
         """What the optimizer trains, by name (``stage.trainable.lr_mult`` keys): the
@@ -56,6 +59,18 @@ class StageModule(L.LightningModule):
         """Modules beside the model's components that the stage's artifact keeps (as
         ``<name>.safetensors``) but later stages never need, e.g. AIM's decoder."""
         return {}
+
+    def configure_model(self) -> None:
+        """Under trainer.strategy=fsdp, shard the model (vlmtrain.sharding) before the
+        optimizer is built from the sharded trainable parameters; an unsharded copy on the
+        meta device is kept to consolidate the artifact into. Other strategies: nothing."""
+        shard = getattr(self._trainer.strategy, "shard", None) if self._trainer else None
+        if shard is None or self.sharded_skeleton is not None:
+            return
+        from vlmtrain.sharding import unsharded_skeleton
+
+        self.sharded_skeleton = unsharded_skeleton(dict(self.named_children()))
+        shard(self)
 
     def configure_optimizers(self):
         groups = param_groups(self.optimized_components(), self.stage.optim, self.stage.trainable)
@@ -85,12 +100,14 @@ class StageModule(L.LightningModule):
 
     def _touch_image_path(self) -> torch.Tensor:
         """A rank whose batch holds no image must still produce gradients (zeros) for the
-        trainable vision/projector parameters, or DDP waits forever for them."""
-        if not any(
-            p.requires_grad
+        trainable vision/projector parameters, or DDP waits forever for them; under FSDP it
+        must also gather the (even frozen) tower's shards as often as the other ranks do."""
+        params = [
+            p
             for m in (self.model.vision_tower, self.model.multi_modal_projector)
             for p in m.parameters()
-        ):
+        ]
+        if not any(p.requires_grad for p in params) and self.sharded_skeleton is None:
             return torch.zeros((), device=self.device)
         spec = self.model.vision_spec
         dummy = torch.zeros(1, 3, spec.image_size, spec.image_size, device=self.device)
