@@ -332,6 +332,14 @@ def reshard_refusal(record: dict) -> str | None:
     return strategy_refusal(record.get("strategy", "auto"))
 
 
+SPLIT_KEYS = ("stage.accumulate", "stage.batch_size")  # how a step splits over devices
+
+
+def step_samples(stage: dict, world_size: int) -> int:
+    """Samples of one optimizer step over all processes."""
+    return stage["batch_size"] * stage["accumulate"] * world_size
+
+
 def world_size_of(trainer: DictConfig) -> int:
     """The number of processes a trainer config asks for, before any Trainer exists."""
     devices = trainer.devices
@@ -369,7 +377,22 @@ def resume_point(
         old = {"config_hash": record["config_hash"], **record["identity"]}
         old["config"] = record["identity"]
         same, why = same_stage(old, identity, schema_defaults())
-        return [] if same else why
+        if same:
+            return []
+        # On another number of processes the per-device split of a step may change
+        # (stage.global_batch_size derives stage.accumulate): what must not is the
+        # number of samples per optimizer step.
+        split = [w for w in why if w.split(":")[0] in SPLIT_KEYS]
+        old_step = step_samples(record["identity"]["stage"], record["world_size"])
+        new_step = step_samples(identity["stage"], world_size)
+        if split and len(split) == len(why) and old_step == new_step:
+            return []
+        if split and old_step != new_step:
+            why.append(
+                f"samples per optimizer step: {old_step} -> {new_step} (set "
+                f"stage.global_batch_size={old_step} to keep the step on {world_size} processes)"
+            )
+        return why
 
     notes = check_compatible(path, contents, world_size, shapes, config_diff, stage_dir)
     if say is not None:
