@@ -174,9 +174,12 @@ def test_sharded_units_never_mix_frozen_and_trainable(compose):
     assert sum(n.endswith(tuple(f"layers.{i}" for i in range(8))) for n in names) == layers
     adapters = [n for n in names if "lora_A" in n]
     assert len(adapters) == cfg.model.lm.num_hidden_layers
+    owned: set[int] = set()  # a unit manages the parameters no inner unit took
     for _, modules in units:
-        grads = {p.requires_grad for m in modules for p in m.parameters()}
-        assert len(grads) <= 1 or modules == [model]
+        mine = [p for m in modules for p in m.parameters() if id(p) not in owned]
+        owned.update(id(p) for p in mine)
+        assert len({p.requires_grad for p in mine}) <= 1
+    assert owned == {id(p) for p in module.parameters()}
 
     # A module holding both kinds (a frozen weight beside a trainable bias) is refused.
     proj = model.multi_modal_projector

@@ -174,6 +174,8 @@ def read_checkpoint(path: Path) -> dict:
     CRC is checked first, which is the one read of the file that catches zeroed blocks
     and flipped bits, not only truncation. A sharded checkpoint (a directory, FSDP)
     gives its metadata file's contents and its tensors' shapes (``SHARDED_SHAPES``)."""
+    if path.is_dir() and (path / "checkpoint").is_dir():
+        return read_deepspeed_checkpoint(path)
     if path.is_dir():
         return read_sharded_checkpoint(path)
     try:
@@ -193,6 +195,23 @@ def read_checkpoint(path: Path) -> dict:
 
 SHARDED_SHAPES = "vlmtrain_sharded_shapes"
 SHARDED_META = "meta.pt"  # Lightning's metadata file in a distributed checkpoint
+
+
+def read_deepspeed_checkpoint(path: Path) -> dict:
+    """A DeepSpeed checkpoint directory (Lightning's layout): the client state Lightning
+    stores beside rank 0's model states, vlmtrain's record included. Tensor shapes are
+    not checked here (ZeRO partitions them)."""
+    states = path / "checkpoint" / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise DamagedCheckpoint(f"the DeepSpeed checkpoint lacks {states.name}")
+    try:
+        contents = load_weights_only(states, mmap=True)
+    except CheckpointError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise DamagedCheckpoint(f"{states.name} does not load ({str(e).splitlines()[0]})") from None
+    contents.pop("module", None)
+    return contents
 
 
 def read_sharded_checkpoint(path: Path) -> dict:
@@ -297,7 +316,9 @@ def check_compatible(
     if expected_shapes is None:  # checked before the model exists
         return notes
     state = contents.get("state_dict")
-    if state is None and SHARDED_SHAPES in contents:
+    if state is None and SHARDED_SHAPES not in contents:
+        return notes  # a DeepSpeed checkpoint: DeepSpeed checks its partitions on load
+    if state is None:
         state = {
             k: torch.empty(shape, device="meta") for k, shape in contents[SHARDED_SHAPES].items()
         }

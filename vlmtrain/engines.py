@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy, Strategy
 from omegaconf import DictConfig
 
 from vlmtrain.config import FsdpConfig
@@ -65,17 +65,48 @@ class FsdpStrategy(ModelParallelStrategy):
         self.barrier()
 
 
-def is_sharded_checkpoint(path: Path) -> bool:
-    return path.is_dir()
+class ZeroStrategy(DeepSpeedStrategy):
+    """DeepSpeed ZeRO. DeepSpeed partitions the model itself when the engine is built
+    (after ``configure_model``, so artifacts were loaded into whole tensors before: no
+    ``torch.Size([0])`` partitions are ever loaded into); ``shard`` only asks
+    ``StageModule.configure_model`` to keep the meta skeleton the artifact is
+    consolidated into, from the fp32 master weights."""
+
+    def shard(self, stage_module) -> None:
+        pass
+
+    def full_state_dict(self, stage_module) -> dict:
+        """Collective: every rank gathers each parameter in the same order; rank 0 keeps
+        the full tensors. Trainable ones from the optimizer's fp32 master copy, frozen
+        ones (not in the optimizer) gathered from their ZeRO-3 partitions."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full: dict[int, Any] = {}
+        for p in stage_module.parameters():
+            value = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if value is None:
+                with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                    value = p.detach().clone()
+            if self.global_rank == 0:
+                full[id(p)] = value.cpu()
+        if self.global_rank != 0:
+            return {}
+        state = stage_module.state_dict(keep_vars=True)  # tied tensors under both names
+        return {k: full.get(id(v), v.detach().cpu()) for k, v in state.items()}
 
 
-def build_strategy(trainer: DictConfig, world_size: int) -> str | Strategy:
+def build_strategy(trainer: DictConfig, world_size: int, grad_clip: float = 0.0) -> str | Strategy:
     name = trainer.strategy
     if name == FSDP:
         return FsdpStrategy(trainer.fsdp, world_size)
     if name == DEEPSPEED or name in DEEPSPEED_ALIASES:
-        return deepspeed_strategy(trainer, name)
+        return deepspeed_strategy(trainer, name, grad_clip)
     return name
+
+
+def is_deepspeed(strategy) -> bool:
+    return isinstance(strategy, DeepSpeedStrategy)
 
 
 def deepspeed_settings(trainer: DictConfig, name: str) -> tuple[int, bool, bool]:
@@ -94,7 +125,28 @@ def deepspeed_settings(trainer: DictConfig, name: str) -> tuple[int, bool, bool]
     return ds.stage, ds.offload_optimizer, ds.offload_parameters
 
 
-def deepspeed_strategy(trainer: DictConfig, name: str) -> Strategy:
+def deepspeed_config(stage: int, offload_optimizer: bool, offload_parameters: bool, grad_clip):
+    """The DeepSpeed config vlmtrain runs with: one optimizer step per engine step (the
+    objectives accumulate micro-batches themselves), DeepSpeed clipping the gradient
+    norm (Lightning allows no clipping of its own under DeepSpeed), offload as asked."""
+    zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": True}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "zero_optimization": zero,
+        "gradient_clipping": float(grad_clip or 0.0),
+        "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: batches are vlmtrain's
+        "gradient_accumulation_steps": 1,
+        # vlmtrain's fused torch AdamW steps offloaded parameters on the CPU too.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def deepspeed_strategy(trainer: DictConfig, name: str, grad_clip: float = 0.0) -> Strategy:
+    settings = deepspeed_settings(trainer, name)  # a bad setting fails first, anywhere
     if trainer.accelerator == "cpu":
         raise ValueError(
             f"trainer.strategy={name} needs GPUs (Lightning's DeepSpeedStrategy refuses a CPU "
@@ -106,16 +158,7 @@ def deepspeed_strategy(trainer: DictConfig, name: str) -> Strategy:
         raise ImportError(
             f"trainer.strategy={name} needs DeepSpeed: pip install 'vlmtrain[deepspeed]'"
         ) from None
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    stage, offload_optimizer, offload_parameters = deepspeed_settings(trainer, name)
-    return DeepSpeedStrategy(
-        stage=stage,
-        offload_optimizer=offload_optimizer,
-        offload_parameters=offload_parameters,
-        # vlmtrain clips itself (StageModule.finish_step) and uses manual optimization.
-        logging_batch_size_per_gpu=1,
-    )
+    return ZeroStrategy(config=deepspeed_config(*settings, grad_clip))
 
 
 def reshard_refusal(strategy: str) -> str | None:

@@ -20,6 +20,7 @@ frozen weight and a trainable bias) is refused before anything is sharded.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Iterable
 
@@ -49,19 +50,17 @@ def _all_trainable(module: nn.Module) -> bool:
 
 
 def trainable_parts(module: nn.Module) -> list[nn.Module]:
-    """The largest submodules whose parameters all train, inside a module that mixes
-    frozen and trainable ones (LoRA's adapters in a frozen layer)."""
-    out: list[nn.Module] = []
-
-    def visit(m: nn.Module) -> None:
-        for child in m.children():
-            if _all_trainable(child):
-                out.append(child)
-            elif any(p.requires_grad for p in child.parameters()):
-                visit(child)
-
-    visit(module)
-    return out
+    """The submodules holding trainable parameters of their own, inside a module that
+    mixes frozen and trainable ones (LoRA's ``lora_A.default`` Linears in a frozen
+    layer). Modules that own the parameters, not their containers: a unit's gathers are
+    forward hooks, and a ModuleDict is never called."""
+    return [
+        m
+        for m in module.modules()
+        if m is not module
+        and (own := list(m.parameters(recurse=False)))
+        and all(p.requires_grad for p in own)
+    ]
 
 
 def sharding_units(stage_module: nn.Module) -> list[tuple[str, list[nn.Module]]]:
@@ -163,33 +162,24 @@ def unsharded_skeleton(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
     return {name: copy.deepcopy(m, memo) for name, m in modules.items()}
 
 
-def sharded_numel(module: nn.Module) -> int:
-    """Parameters of the full model (a DTensor counts its global size)."""
-    return sum(p.numel() for p in module.parameters())
-
-
 def consolidate(stage_module: nn.Module, skeleton: dict[str, nn.Module], is_zero: bool):
     """The full weights of the sharded ``stage_module`` loaded into ``skeleton`` (its
     top-level children by name, ``model`` included). Collective: every rank calls it;
     rank 0 gets the filled skeleton, the others None. Every tensor is checked present
     and full-sized, and the parameter count against the sharded model's, before
     anything is published."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(
-        stage_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    gather = getattr(stage_module.trainer.strategy, "full_state_dict", fsdp_full_state_dict)
+    full = gather(stage_module)
     if not is_zero:
         return None
-    expected = {n: tuple(p.shape) for n, p in stage_module.named_parameters()}
+    expected = {n: full_shape(p) for n, p in stage_module.named_parameters()}
     for name, module in skeleton.items():
         prefix = name + "."
         # Own storage per tensor: the gathered ones may be views of one flat buffer,
         # which safetensors refuses to write.
         part = {k[len(prefix) :]: v.clone() for k, v in full.items() if k.startswith(prefix)}
         module.load_state_dict(part, strict=True, assign=True)
-    model = skeleton["model"]
-    model.language_model.tie_weights()  # assign=True loaded the tied tensors apart
+    skeleton["model"].language_model.tie_weights()  # assign=True loaded tied tensors apart
     problems = []
     for name, module in skeleton.items():
         for k, p in module.named_parameters():
@@ -199,7 +189,7 @@ def consolidate(stage_module: nn.Module, skeleton: dict[str, nn.Module], is_zero
             elif key in expected and tuple(p.shape) != expected[key]:
                 problems.append(f"{key}: {tuple(p.shape)}, the model's is {expected[key]}")
     got = sum(p.numel() for m in skeleton.values() for p in m.parameters())
-    want = sharded_numel(stage_module)
+    want = sum(math.prod(full_shape(p)) for p in stage_module.parameters())
     if got != want:
         problems.append(f"{got:,} parameters consolidated, the sharded model has {want:,}")
     if problems:
@@ -208,6 +198,21 @@ def consolidate(stage_module: nn.Module, skeleton: dict[str, nn.Module], is_zero
             + "\n  ".join(problems[:12])
         )
     return skeleton
+
+
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's unsharded shape: a DTensor's is global; a ZeRO-3 partition's
+    ``shape`` is torch.Size([0]) and its real one ``ds_shape``."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def fsdp_full_state_dict(stage_module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every rank takes part; rank 0 gets the full (fp32 master) tensors on the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        stage_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 def artifact_source(stage_module, is_zero: bool):

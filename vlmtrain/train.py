@@ -170,7 +170,7 @@ def build_trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=build_strategy(cfg.trainer, world_size_of(cfg.trainer)),
+        strategy=build_strategy(cfg.trainer, world_size_of(cfg.trainer), cfg.stage.optim.grad_clip),
         precision=cfg.trainer.precision,
         max_steps=stage.max_steps,
         max_epochs=-1,
