@@ -398,17 +398,13 @@ def resume_point(
         old = {"config_hash": record["config_hash"], **record["identity"]}
         old["config"] = record["identity"]
         same, why = same_stage(old, identity, schema_defaults())
-        if same:
-            return []
         # On another number of processes the per-device split of a step may change
         # (stage.global_batch_size derives stage.accumulate): what must not is the
         # number of samples per optimizer step.
-        split = [w for w in why if w.split(":")[0] in SPLIT_KEYS]
+        why = [] if same else [w for w in why if w.split(":")[0] not in SPLIT_KEYS]
         old_step = step_samples(record["identity"]["stage"], record["world_size"])
         new_step = step_samples(identity["stage"], world_size)
-        if split and len(split) == len(why) and old_step == new_step:
-            return []
-        if split and old_step != new_step:
+        if old_step != new_step:
             why.append(
                 f"samples per optimizer step: {old_step} -> {new_step} (set "
                 f"stage.global_batch_size={old_step} to keep the step on {world_size} processes)"
