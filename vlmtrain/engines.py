@@ -102,6 +102,11 @@ def build_strategy(trainer: DictConfig, world_size: int, grad_clip: float = 0.0)
         return FsdpStrategy(trainer.fsdp, world_size)
     if name == DEEPSPEED or name in DEEPSPEED_ALIASES:
         return deepspeed_strategy(trainer, name, grad_clip)
+    if name.startswith(DEEPSPEED):  # e.g. NVMe offload: artifacts would not consolidate
+        raise ValueError(
+            f"trainer.strategy={name} is not supported by vlmtrain; use trainer=deepspeed_zero2, "
+            "deepspeed_zero3 or their _offload variants (trainer.deepspeed.*)"
+        )
     return name
 
 
