@@ -145,7 +145,7 @@ def test_another_step_size_on_resume_is_refused(shapes_root, tmp_path):
     vlmtrain(
         args + ["trainer.devices=1"],
         cwd=tmp_path,
-        env={"VLMTRAIN_KILL_AFTER_STEP": "2"},
+        env={"VLMTRAIN_KILL_AFTER_STEP": "3"},
         check=False,
     )
     refused = vlmtrain(args + ["trainer.devices=2"], cwd=tmp_path, check=False)
