@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from test_cli import base_args, losses, vlmtrain
 
+from vlmtrain.checkpoints import SHARDED_SHAPES, DamagedCheckpoint, read_checkpoint
 from vlmtrain.config import COMPONENTS
 
 FSDP_CPU = ["trainer=fsdp", "trainer.accelerator=cpu"]
@@ -82,6 +83,16 @@ def test_fsdp_two_processes_match_one(shapes_root, tmp_path):
         "__1_0.distcp",
         "meta.pt",
     ]
+    # What a resume reads of it: the record, and every tensor's global (unsharded) shape.
+    contents = read_checkpoint(ckpt)
+    assert contents["vlmtrain"]["world_size"] == 2 and contents["vlmtrain"]["strategy"] == "fsdp"
+    shapes = contents[SHARDED_SHAPES]
+    full = load_file(tmp_path / "one/sft/artifact/lm.safetensors")
+    embed = next(k for k in full if k.endswith("embed_tokens.weight"))
+    assert shapes[f"model.language_model.{embed}"] == tuple(full[embed].shape)
+    (ckpt / "__1_0.distcp").unlink()  # a rank's shard lost: damaged, never half loaded
+    with pytest.raises(DamagedCheckpoint, match="__1_0.distcp"):
+        read_checkpoint(ckpt)
 
 
 @pytest.mark.slow

@@ -174,10 +174,10 @@ def read_checkpoint(path: Path) -> dict:
     CRC is checked first, which is the one read of the file that catches zeroed blocks
     and flipped bits, not only truncation. A sharded checkpoint (a directory, FSDP)
     gives its metadata file's contents and its tensors' shapes (``SHARDED_SHAPES``)."""
-    if path.is_dir() and (path / "checkpoint").is_dir():
-        return read_deepspeed_checkpoint(path)
     if path.is_dir():
-        return read_sharded_checkpoint(path)
+        from vlmtrain.directory_checkpoints import read_directory_checkpoint
+
+        return read_directory_checkpoint(path)
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
@@ -193,57 +193,7 @@ def read_checkpoint(path: Path) -> dict:
         raise DamagedCheckpoint(f"it does not load ({str(e).splitlines()[0]})") from None
 
 
-SHARDED_SHAPES = "vlmtrain_sharded_shapes"
-SHARDED_META = "meta.pt"  # Lightning's metadata file in a distributed checkpoint
-
-
-def read_deepspeed_checkpoint(path: Path) -> dict:
-    """A DeepSpeed checkpoint directory (Lightning's layout): the client state Lightning
-    stores beside rank 0's model states, vlmtrain's record included. Tensor shapes are
-    not checked here (ZeRO partitions them)."""
-    states = path / "checkpoint" / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise DamagedCheckpoint(f"the DeepSpeed checkpoint lacks {states.name}")
-    try:
-        contents = load_weights_only(states, mmap=True)
-    except CheckpointError:
-        raise
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise DamagedCheckpoint(f"{states.name} does not load ({str(e).splitlines()[0]})") from None
-    contents.pop("module", None)
-    return contents
-
-
-def read_sharded_checkpoint(path: Path) -> dict:
-    """A torch distributed checkpoint directory: Lightning's ``meta.pt`` (loops, callbacks,
-    vlmtrain's record) and, from DCP's own ``.metadata``, every tensor's global shape."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    if not (path / ".metadata").is_file() or not (path / SHARDED_META).is_file():
-        raise DamagedCheckpoint("the sharded checkpoint lacks its .metadata or meta.pt")
-    try:
-        metadata = FileSystemReader(path).read_metadata()
-    except Exception as e:  # DCP raises whatever unpickling its metadata raised
-        raise DamagedCheckpoint(f"its .metadata does not load ({e})") from None
-    # Each rank's shard file, as the metadata names it.
-    shards = {info.relative_path for info in (metadata.storage_data or {}).values()}
-    missing = shards - {p.name for p in path.iterdir()}
-    if missing:
-        raise DamagedCheckpoint(f"shard files missing: {', '.join(sorted(missing))}")
-    try:
-        contents = load_weights_only(path / SHARDED_META, mmap=True)
-    except CheckpointError:
-        raise
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise DamagedCheckpoint(f"its meta.pt does not load ({str(e).splitlines()[0]})") from None
-    prefix = "state_dict."
-    contents[SHARDED_SHAPES] = {
-        k[len(prefix) :]: tuple(v.size)
-        for k, v in metadata.state_dict_metadata.items()
-        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
-    }
-    return contents
+SHARDED_SHAPES = "vlmtrain_sharded_shapes"  # see vlmtrain.directory_checkpoints
 
 
 def choose_checkpoint(ckpt_dir: Path, say: Callable[[str], None]) -> tuple[Path, dict] | None:
