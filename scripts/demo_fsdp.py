@@ -27,7 +27,9 @@ from vlmtrain.config import COMPONENTS
 
 def losses(run: Path) -> dict[int, float]:
     with (run / "sft" / "logs" / "csv" / "metrics.csv").open() as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]}
+        return {
+            int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]
+        }
 
 
 def main() -> None:
