@@ -160,10 +160,15 @@ UNUSABLE = {
     # case: (edit of the only checkpoint, extra overrides, what the error must say)
     "damaged, no fallback": (_truncate, [], ["no checkpoint in", "reads back", "delete"]),
     "changed config": (None, ["stage.optim.lr=0.01"], ["stage.optim.lr: 0.001 -> 0.01"]),
-    "other process count": (
+    "other process count": (  # a DeepSpeed checkpoint is partitioned per process
+        lambda p: _rewrite(p, lambda c: c["vlmtrain"].update(world_size=2, strategy="deepspeed")),
+        [],
+        ["written by a run of 2 processes; this run has 1", "same trainer.devices"],
+    ),
+    "other step size": (  # two processes made steps of twice the samples
         lambda p: _rewrite(p, lambda c: c["vlmtrain"].update(world_size=2)),
         [],
-        ["written by a run of 2 processes; this run has 1", "trainer.devices"],
+        ["samples per optimizer step: 16 -> 8", "stage.global_batch_size=16"],
     ),
     "other model shape": (
         lambda p: _rewrite(p, _other_shape),
@@ -194,6 +199,7 @@ def interrupted(shapes_root, tmp_path_factory) -> Path:
         "changed config",
         pytest.param("damaged, no fallback", marks=pytest.mark.slow),
         pytest.param("other process count", marks=pytest.mark.slow),
+        pytest.param("other step size", marks=pytest.mark.slow),
         pytest.param("other model shape", marks=pytest.mark.slow),
         pytest.param("not weights only", marks=pytest.mark.slow),
     ],

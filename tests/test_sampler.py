@@ -62,12 +62,33 @@ def test_ranks_get_disjoint_equal_shards_of_one_order():
     assert not set(shards[0]) & set(shards[1])
 
 
-def test_resuming_with_another_world_size_is_refused():
-    dl = loader(world=2)
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 4)])
+def test_resume_on_another_world_size_continues_at_the_same_global_sample(before, after, grouped):
+    """A global step of 8 samples, checkpointed after 3 steps (one epoch is 5) on
+    ``before`` ranks, continues on ``after`` ranks with exactly the samples the
+    uninterrupted run would take, over the epoch boundary: nothing repeated or skipped."""
+    lengths = seeded_lengths(40) if grouped else None
+
+    def steps(world, count, state=None):
+        ranks = [
+            loader(batch=8 // world, rank=r, world=world, lengths=lengths) for r in range(world)
+        ]
+        per_rank = [batches(dl, count, state) for dl in ranks]
+        return [sorted(sum(parts, [])) for parts in zip(*per_rank, strict=True)], ranks[0]
+
+    full, _ = steps(1, 7)
+    head, rank0 = steps(before, 3)
+    tail, _ = steps(after, 4, rank0.state_dict())  # rank 0's state: every rank's position
+    assert head + tail == full
+
+
+def test_a_position_that_does_not_split_over_the_ranks_is_refused():
+    dl = loader(n=42, batch=3, world=1)
     batches(dl, 1)
-    other = loader(world=1)
+    other = loader(n=42, batch=3, world=2)
     other.load_state_dict(dl.state_dict())  # applied lazily, when iteration starts
-    with pytest.raises(ValueError, match="same number of devices"):
+    with pytest.raises(ValueError, match="does not split over 2 ranks"):
         next(iter(other))
 
 

@@ -150,15 +150,17 @@ def checkpoint_callback(ckpt_dir: Path, every_n_steps: int, keep: int) -> ModelC
 class CheckpointRecord(Callback):
     """Writes into every checkpoint what a resume must match."""
 
-    def __init__(self, identity: dict[str, Any], digest: str):
+    def __init__(self, identity: dict[str, Any], digest: str, strategy: str = "auto"):
         self.identity = identity  # as run_stage hashes it: config sections, sources, data
         self.digest = digest
+        self.strategy = strategy  # trainer.strategy: whether another world size can resume
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[RECORD_KEY] = {
             "config_hash": self.digest,
             "identity": self.identity,
             "world_size": trainer.world_size,
+            "strategy": self.strategy,
         }
 
 
@@ -177,7 +179,12 @@ def candidates(ckpt_dir: Path) -> list[Path]:
 def read_checkpoint(path: Path) -> dict:
     """The checkpoint's contents, memory-mapped (tensors are not read); every zip entry's
     CRC is checked first, which is the one read of the file that catches zeroed blocks
-    and flipped bits, not only truncation."""
+    and flipped bits, not only truncation. A sharded checkpoint (a directory, FSDP)
+    gives its metadata file's contents and its tensors' shapes (``SHARDED_SHAPES``)."""
+    if path.is_dir():
+        from vlmtrain.directory_checkpoints import read_directory_checkpoint
+
+        return read_directory_checkpoint(path)
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
@@ -191,6 +198,9 @@ def read_checkpoint(path: Path) -> dict:
         raise
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise DamagedCheckpoint(f"it does not load ({str(e).splitlines()[0]})") from None
+
+
+SHARDED_SHAPES = "vlmtrain_sharded_shapes"  # see vlmtrain.directory_checkpoints
 
 
 def choose_checkpoint(ckpt_dir: Path, say: Callable[[str], None]) -> tuple[Path, dict] | None:
@@ -245,11 +255,10 @@ def check_compatible(
     if record is None:
         notes.append(f"{path.name} predates checkpoint records: its config was not checked")
     else:
-        if record["world_size"] != world_size:
+        if record["world_size"] != world_size and (why := reshard_refusal(record)):
             raise CheckpointError(
                 f"checkpoint {path} was written by a run of {record['world_size']} processes; "
-                f"this run has {world_size}. Each process's data position is in the checkpoint, "
-                "so resume with the same trainer.devices x trainer.num_nodes. " + restart
+                f"this run has {world_size}. {why} " + restart
             )
         changes = config_diff(record)
         if changes:
@@ -263,7 +272,14 @@ def check_compatible(
             )
     if expected_shapes is None:  # checked before the model exists
         return notes
-    state = contents.get("state_dict", {})
+    state = contents.get("state_dict")
+    if state is None and SHARDED_SHAPES not in contents:
+        return notes  # a DeepSpeed checkpoint: DeepSpeed checks its partitions on load
+    if state is None:
+        state = {
+            k: torch.empty(shape, device="meta") for k, shape in contents[SHARDED_SHAPES].items()
+        }
+    state = state or {}
     problems = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {shape}"
         for k, shape in expected_shapes.items()
@@ -282,6 +298,24 @@ def check_compatible(
             + restart
         )
     return notes
+
+
+def reshard_refusal(record: dict) -> str | None:
+    """Why the checkpoint ``record`` describes cannot resume on another number of
+    processes, with what to do; None when it can: the data position is kept as the
+    global number of samples consumed (EpochShuffleSampler), a single-file checkpoint
+    holds full tensors, and a distributed (FSDP) one is resharded on load."""
+    from vlmtrain.engines import reshard_refusal as strategy_refusal
+
+    return strategy_refusal(record.get("strategy", "auto"))
+
+
+SPLIT_KEYS = ("stage.accumulate", "stage.batch_size")  # how a step splits over devices
+
+
+def step_samples(stage: dict, world_size: int) -> int:
+    """Samples of one optimizer step over all processes."""
+    return stage["batch_size"] * stage["accumulate"] * world_size
 
 
 def world_size_of(trainer: DictConfig) -> int:
@@ -321,7 +355,18 @@ def resume_point(
         old = {"config_hash": record["config_hash"], **record["identity"]}
         old["config"] = record["identity"]
         same, why = same_stage(old, identity, schema_defaults())
-        return [] if same else why
+        # On another number of processes the per-device split of a step may change
+        # (stage.global_batch_size derives stage.accumulate): what must not is the
+        # number of samples per optimizer step.
+        why = [] if same else [w for w in why if w.split(":")[0] not in SPLIT_KEYS]
+        old_step = step_samples(record["identity"]["stage"], record["world_size"])
+        new_step = step_samples(identity["stage"], world_size)
+        if old_step != new_step:
+            why.append(
+                f"samples per optimizer step: {old_step} -> {new_step} (set "
+                f"stage.global_batch_size={old_step} to keep the step on {world_size} processes)"
+            )
+        return why
 
     notes = check_compatible(path, contents, world_size, shapes, config_diff, stage_dir)
     if say is not None:

@@ -297,6 +297,27 @@ class StageConfig:
 
 # --------------------------------------------------------------------------- trainer
 @dataclass
+class FsdpConfig:
+    """trainer.strategy=fsdp (FSDP2 via Lightning's ModelParallelStrategy; vlmtrain.sharding)."""
+
+    # bf16: parameters are all-gathered and computed in bf16, gradients reduced in fp32;
+    # the sharded master weights and the optimizer stay fp32. None: everything fp32.
+    param_dtype: str | None = None
+    # Free each layer's gathered parameters after its forward (gather again in backward):
+    # least memory. False keeps them until backward, ZeRO-2-like.
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    """trainer.strategy=deepspeed (Lightning's DeepSpeedStrategy; vlmtrain.engines)."""
+
+    stage: int = 2  # ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters sharded
+    offload_optimizer: bool = False  # optimizer state and step on the CPU
+    offload_parameters: bool = False  # ZeRO-3 only: parameters kept in CPU memory
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1
@@ -322,6 +343,8 @@ class TrainerConfig:
     # optimizer step saves a checkpoint and the job exits to be requeued (vlmtrain.requeue).
     # cluster=slurm sets submitit's (SIGUSR2); null leaves the signal's default action.
     requeue_signal: str | None = "SIGUSR1"
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass

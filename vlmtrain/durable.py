@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -72,7 +73,10 @@ def remove_partial_files(directory: Path) -> list[Path]:
         return []
     found = sorted(directory.glob(f".*{PARTIAL_SUFFIX}"))
     for p in found:
-        p.unlink(missing_ok=True)
+        if p.is_dir():  # a sharded checkpoint's directory (vlmtrain.engines.FsdpStrategy)
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return found
 
 

@@ -23,12 +23,6 @@ from vlmtrain.objectives.registry import objective_for
 from vlmtrain.recipe import check_order, stage_config, stage_list
 
 console = Console()
-SHARDED = {
-    "fsdp": "all",
-    "deepspeed_stage_3": "all",
-    "deepspeed_stage_2": "grads+optim",
-    "deepspeed_stage_1": "optim",
-}
 
 
 def _bytes_per_param(precision: str) -> int:
@@ -56,21 +50,16 @@ def estimate_memory(
     if supervised_per_sample is None:
         supervised_per_sample = max(cfg.stage.max_length - model.tokens_per_image, 1)
     stage, trainer = cfg.stage, cfg.trainer
-    # Sharded states are split over every process of the job, all nodes included.
-    devices = (trainer.devices if isinstance(trainer.devices, int) else 1) * trainer.num_nodes
+    devices = _devices(trainer)
     total = sum(t + f for t, f in counts.values())
     trainable = sum(t for t, _ in counts.values())
     weight_b = _bytes_per_param(trainer.precision)
     weights = total * weight_b
     grads = trainable * weight_b
     optim = trainable * 8 + (trainable * 4 if "mixed" in trainer.precision and weight_b == 2 else 0)
-    shard = SHARDED.get(trainer.strategy)
-    if shard == "all":
-        weights, grads, optim = weights / devices, grads / devices, optim / devices
-    elif shard == "optim":
-        optim = optim / devices
-    elif shard:
-        grads, optim = grads / devices, optim / devices
+    sharded = sharded_states(trainer, devices, largest_unit(model) * weight_b)
+    weights = weights / sharded["weights"] + sharded["gathered"]
+    grads, optim = grads / sharded["grads"], optim / sharded["optimizer"]
     # Activations kept for backward: ~34 bytes x hidden per token per layer (no recompute,
     # 16-bit), doubled for fp32; the LM keeps them whenever anything before it trains.
     # Checkpointed, a layer keeps only its input (2 or 4 bytes x hidden) and one layer's
@@ -111,6 +100,53 @@ def estimate_memory(
         **{name: b / gib for name, b in extra.items()},
         "total": (weights + grads + optim + activations + sum(extra.values())) / gib,
     }
+
+
+def _devices(trainer: DictConfig) -> int:
+    """Sharded states are split over every process of the job, all nodes included."""
+    return (trainer.devices if isinstance(trainer.devices, int) else 1) * trainer.num_nodes
+
+
+def largest_unit(model: VisionLanguageModel) -> int:
+    """Parameters of the largest transformer layer: what FSDP / ZeRO-3 gather at once."""
+    from vlmtrain.sharding import transformer_layers
+
+    layers = transformer_layers(model.vision_tower) + transformer_layers(model.language_model)
+    return max((sum(p.numel() for p in m.parameters()) for m in layers), default=0)
+
+
+def sharded_states(trainer: DictConfig, devices: int, unit_bytes: int) -> dict[str, Any]:
+    """How a strategy divides the model states over ``devices`` (divisors: 1 keeps a full
+    copy, inf moves it to CPU memory) and the bytes of gathered layers it holds at once.
+
+    FSDP and ZeRO-3 shard weights, gradients and optimizer state and gather about two
+    layers at a time (the running one and the prefetched next); ZeRO-2 shards gradients
+    and optimizer state, ZeRO-1 the optimizer state; offload moves them to the CPU."""
+    from vlmtrain.engines import DEEPSPEED, DEEPSPEED_ALIASES, FSDP, deepspeed_settings
+
+    full = {"weights": 1, "grads": 1, "optimizer": 1, "gathered": 0, "name": trainer.strategy}
+    if devices <= 1 and trainer.strategy not in (FSDP, DEEPSPEED, *DEEPSPEED_ALIASES):
+        return full
+    if trainer.strategy == FSDP:
+        gathered = 2 * unit_bytes / (2 if trainer.fsdp.param_dtype else 1) * (devices > 1)
+        return {**full, "weights": devices, "grads": devices, "optimizer": devices,
+                "gathered": gathered, "name": "fsdp (FSDP2)"}  # fmt: skip
+    if trainer.strategy == DEEPSPEED or trainer.strategy in DEEPSPEED_ALIASES:
+        stage, off_optim, off_params = deepspeed_settings(trainer, trainer.strategy)
+        out = {**full, "optimizer": devices, "name": f"deepspeed ZeRO-{stage}"}
+        if stage >= 2:
+            out["grads"] = devices
+        if stage == 3:
+            out.update(weights=devices, gathered=2 * unit_bytes * (devices > 1))
+        if off_optim:
+            out["optimizer"] = float("inf")
+            out["name"] += " + optimizer offload"
+        if off_params:
+            out["weights"] = float("inf")
+            out["gathered"] = 2 * unit_bytes
+            out["name"] += " + parameter offload"
+        return out
+    return full
 
 
 def describe_init(cfg: DictConfig) -> dict[str, str]:
@@ -165,6 +201,7 @@ def plan_stage(cfg: DictConfig) -> dict[str, Any]:
         "steps": stage.max_steps,
         "max_length": stage.max_length,
         "memory_gib_per_device": estimate_memory(counts, model, cfg, supervised),
+        "strategy": sharded_states(cfg.trainer, _devices(cfg.trainer), 0)["name"],
         "logits_per_sample": (
             "none (this objective does not run the LM)"
             if objective_for(stage.objective).sequences_per_sample == 0
@@ -228,7 +265,7 @@ def print_plan(plans: list[dict[str, Any]], cfg: DictConfig) -> None:
             )
             + f"; samples per step "
             f"{p['samples_per_step']}; tokens per step <= {p['max_tokens_per_step']:,}\n"
-            f"  memory per device (estimate at max_length, activation checkpointing "
+            f"  memory per device under {p['strategy']} (estimate at max_length, activation checkpointing "
             f"{'on' if cfg.trainer.activation_checkpointing else 'off'}): {mem['total']:.1f} GiB = weights {mem['weights']:.1f} "
             f"+ grads {mem['grads']:.1f} + optimizer {mem['optimizer']:.1f} + activations {mem['activations']:.1f}"
             + "".join(

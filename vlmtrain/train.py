@@ -47,6 +47,7 @@ from vlmtrain.data.images import ImageLimits, ImageProcessor
 from vlmtrain.data.quality import DataQuality
 from vlmtrain.data.stage_data import resolve_stage_data
 from vlmtrain.data.tiling import tiler_for
+from vlmtrain.engines import build_strategy
 from vlmtrain.hardware import check_strategy
 from vlmtrain.loggers import build_logger, log_location
 from vlmtrain.model.freezing import apply_trainable, parameter_table
@@ -63,6 +64,7 @@ from vlmtrain.records import (
 )
 from vlmtrain.requeue import RequeueAtStepBoundary, slurm_plugins
 from vlmtrain.runtime import keep_freed_memory
+from vlmtrain.sharding import artifact_source
 
 console = Console()
 
@@ -173,7 +175,7 @@ def build_trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
+        strategy=build_strategy(cfg.trainer, world_size_of(cfg.trainer), cfg.stage.optim.grad_clip),
         precision=cfg.trainer.precision,
         max_steps=stage.max_steps,
         max_epochs=-1,
@@ -269,7 +271,10 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     module, datamodule = objective.build(cfg, model, tokenizer, encoder, stage_dir)
 
     trainer = build_trainer(
-        cfg, stage_dir, CheckpointRecord(hashed, digest), fresh_start=chosen is None
+        cfg,
+        stage_dir,
+        CheckpointRecord(hashed, digest, cfg.trainer.strategy),
+        fresh_start=chosen is None,
     )
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     resume = resume_point(chosen, stage_dir, hashed, trainer.world_size, shapes, _say(stage.name))
@@ -292,9 +297,11 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     )
     if torch.cuda.is_available():
         metrics["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    # Under FSDP every rank takes part in gathering the full weights rank 0 writes.
+    full_model, extras = artifact_source(module, trainer.is_global_zero)
     if trainer.is_global_zero:
         save_artifact(
-            model,
+            full_model,
             tokenizer,
             artifact_dir,
             {
@@ -308,8 +315,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
                 "tokenizer": tokenizer_record(cfg.model, tokenizer),
                 "metrics": metrics,
             },
-            image_processor=build_image_processor(cfg.model.vision, model.vision_spec),
-            extras=module.artifact_extras(),
+            image_processor=build_image_processor(cfg.model.vision, full_model.vision_spec),
+            extras=extras,
         )
     # Other ranks must not read the artifact (next stage) before rank 0 has written it.
     trainer.strategy.barrier("artifact")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import partial
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -88,6 +89,10 @@ class StageDataModule(L.LightningDataModule):
             drop_last=True,
             collate_fn=self.collate,
             num_workers=self.data.num_workers,
+            # Its own generator: creating the iterator draws a seed, which from the global
+            # one would shift every dropout mask after a resume (the iterator is created
+            # after the checkpoint's random state is restored).
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader | list:

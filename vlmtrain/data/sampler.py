@@ -76,16 +76,28 @@ class EpochShuffleSampler(Sampler[int]):
         self.yielded = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "yielded": self.yielded, "world_size": self.world_size}
+        # ``consumed``: samples of this epoch handed out over all ranks, what a resume on
+        # another number of ranks continues from (``yielded`` is kept for older readers).
+        return {
+            "epoch": self.epoch,
+            "yielded": self.yielded,
+            "world_size": self.world_size,
+            "consumed": self.yielded * self.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("world_size", self.world_size) != self.world_size:
+        """Resume at the same global position, on any number of ranks: every step's
+        samples are consecutive in the global order, so a position at a step boundary
+        splits evenly over any world size that splits a step."""
+        consumed = state.get("consumed", state["yielded"] * state.get("world_size", 1))
+        if consumed % self.world_size:
             raise ValueError(
-                f"the checkpoint's data position was saved with {state['world_size']} ranks and "
-                f"this run has {self.world_size}; resume with the same number of devices"
+                f"the checkpoint's data position ({consumed} samples into epoch "
+                f"{state['epoch']}) does not split over {self.world_size} ranks; resume with "
+                f"{state.get('world_size')} ranks, or a number that divides {consumed}"
             )
         self.epoch = state["epoch"]
-        self.yielded = state["yielded"]
+        self.yielded = consumed // self.world_size
 
 
 def group_by_length(

@@ -107,14 +107,16 @@ class VisionLanguageModel(nn.Module):
         """Token embeddings with image features at the image positions: computed from
         ``pixel_values``, or given (``image_features``, e.g. one image's features shared by
         the chosen and rejected answers of a preference pair)."""
-        embeds = self.language_model.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
         n_positions = int(is_image.sum())
         if image_features is None and (pixel_values is None or pixel_values.numel() == 0):
             if n_positions:
                 raise ValueError(f"batch has {n_positions} image positions but no images")
-            return embeds
+            return self.language_model.get_input_embeddings()(input_ids)
+        # The tower runs before the embedding lookup, in the order a rank without images
+        # runs it (StageModule._touch_image_path): FSDP's gathers must match across ranks.
         features = self.image_features(pixel_values) if image_features is None else image_features
+        embeds = self.language_model.get_input_embeddings()(input_ids)
         features = features.reshape(-1, features.shape[-1])
         if n_positions != features.shape[0]:
             # The data pipeline checks this per sample; reaching here means a caller bypassed it.

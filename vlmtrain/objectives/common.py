@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vlmtrain.config import StageConfig
 from vlmtrain.data.chat import IGNORE_INDEX
+from vlmtrain.engines import is_deepspeed
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.optim import build_optimizer, param_groups, warmup_cosine
 
@@ -46,6 +47,9 @@ class StageModule(L.LightningModule):
         self.stage = stage
         self.automatic_optimization = False
         self.tokens_seen = 0  # non-padding tokens (text + image) over all ranks
+        # trainer.strategy=fsdp: the unsharded, meta-device copy of the children
+        # (configure_model) that the artifact's full weights are consolidated into.
+        self.sharded_skeleton: dict[str, torch.nn.Module] | None = None
 
     def optimized_components(self) -> dict[str, torch.nn.Module]:
         """What the optimizer trains, by name (``stage.trainable.lr_mult`` keys): the
@@ -56,6 +60,19 @@ class StageModule(L.LightningModule):
         """Modules beside the model's components that the stage's artifact keeps (as
         ``<name>.safetensors``) but later stages never need, e.g. AIM's decoder."""
         return {}
+
+    def configure_model(self) -> None:
+        """Under trainer.strategy=fsdp, shard the model (vlmtrain.sharding) before the
+        optimizer is built from the sharded trainable parameters; an unsharded copy on the
+        meta device is kept to consolidate the artifact into (also under DeepSpeed,
+        which partitions the model itself). Other strategies: nothing."""
+        shard = getattr(self._trainer.strategy, "shard", None) if self._trainer else None
+        if shard is None or self.sharded_skeleton is not None:
+            return
+        from vlmtrain.sharding import unsharded_skeleton
+
+        self.sharded_skeleton = unsharded_skeleton(dict(self.named_children()))
+        shard(self)
 
     def configure_optimizers(self):
         groups = param_groups(self.optimized_components(), self.stage.optim, self.stage.trainable)
@@ -73,7 +90,8 @@ class StageModule(L.LightningModule):
         """After the step's backward passes: check gradients (first step), clip, step."""
         if self.global_step == 0:
             self._check_every_trainable_has_grad()
-        if self.stage.optim.grad_clip:
+        if self.stage.optim.grad_clip and not is_deepspeed(self.trainer.strategy):
+            # (DeepSpeed clips in its own step: vlmtrain.engines.deepspeed_config)
             self.clip_gradients(
                 optimizer,
                 gradient_clip_val=self.stage.optim.grad_clip,
@@ -85,12 +103,14 @@ class StageModule(L.LightningModule):
 
     def _touch_image_path(self) -> torch.Tensor:
         """A rank whose batch holds no image must still produce gradients (zeros) for the
-        trainable vision/projector parameters, or DDP waits forever for them."""
-        if not any(
-            p.requires_grad
+        trainable vision/projector parameters, or DDP waits forever for them; under FSDP it
+        must also gather the (even frozen) tower's shards as often as the other ranks do."""
+        params = [
+            p
             for m in (self.model.vision_tower, self.model.multi_modal_projector)
             for p in m.parameters()
-        ):
+        ]
+        if not any(p.requires_grad for p in params) and self.sharded_skeleton is None:
             return torch.zeros((), device=self.device)
         spec = self.model.vision_spec
         dummy = torch.zeros(1, 3, spec.image_size, spec.image_size, device=self.device)
@@ -147,11 +167,20 @@ class StageModule(L.LightningModule):
         }
         if torch.cuda.is_available():  # dropout on the GPU draws from its own generator
             checkpoint["vlmtrain_rng"]["cuda"] = torch.cuda.get_rng_state()
+        # Ranks draw apart (dropout over batches padded to different lengths) and only
+        # rank 0's checkpoint dict is written: every hook runs on every rank, so gather.
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            by_rank = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(by_rank, checkpoint["vlmtrain_rng"])
+            checkpoint["vlmtrain_rng_by_rank"] = by_rank
         checkpoint["vlmtrain_tokens_seen"] = self.tokens_seen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.tokens_seen = checkpoint.get("vlmtrain_tokens_seen", 0)
         rng = checkpoint.get("vlmtrain_rng")
+        by_rank = checkpoint.get("vlmtrain_rng_by_rank") or []
+        if self.global_rank < len(by_rank):  # on more ranks than saved, rank 0's state
+            rng = by_rank[self.global_rank]
         if rng:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])

@@ -133,6 +133,10 @@ class NextTokenModule(StageModule):
         # Row 0: weighted loss sums per dataset; row 1: their weights.
         by_dataset = torch.zeros(2, len(self.dataset_index), device=self.device)
         for mb in micro_batches(batch, self.stage.batch_size):
+            # A rank with no image here still runs the tower, before the LM as a rank with
+            # images does: DDP gets its gradients, FSDP's gathers stay in the same order.
+            no_image = mb["pixel_values"] is None and world > 1
+            touch = self._touch_image_path() if no_image else None
             logits = self.model(
                 mb["input_ids"],
                 mb["attention_mask"],
@@ -141,8 +145,8 @@ class NextTokenModule(StageModule):
             )
             per_sample = sample_loss_sums(logits, mb["labels"], self.exponent)
             mb_loss = per_sample.sum()
-            if mb["pixel_values"] is None and world > 1:
-                mb_loss = mb_loss + self._touch_image_path()
+            if touch is not None:
+                mb_loss = mb_loss + touch
             self.manual_backward(mb_loss * scale)
             loss_sum += mb_loss.detach()
             self._add_by_dataset(by_dataset, mb, per_sample.detach())

@@ -136,6 +136,9 @@ class PreferenceModule(StageModule):
             b = mb["input_ids"].shape[0]
             pixels = mb["pixel_values"]
             features = self.model.image_features(pixels) if pixels is not None else None
+            # Before the LM, where an image batch runs the tower: the ranks' collectives
+            # (FSDP gathers) stay in the same order.
+            touch = self._touch_image_path() if pixels is None and world > 1 else 0.0
             logps, ntok = pair_logps(self.model, mb, features)
             ref_logps, ref_ntok = (
                 self.reference.logps(mb, features) if self.reference else (None, None)
@@ -165,8 +168,7 @@ class PreferenceModule(StageModule):
                     sums["bco_rewards"] += float(chosen_r.sum() + rejected_r.sum())
                 if rewards is None:  # the first pair term's rewards are the ones logged
                     rewards = (chosen_r, rejected_r)
-            if pixels is None and world > 1:
-                total = total + self._touch_image_path()
+            total = total + touch
             if backward and self._trainer is not None:
                 self.manual_backward(total * world)
             elif backward:  # outside a Trainer (tests, benchmarks)
