@@ -232,7 +232,9 @@ def bench_size(name: str, args, overrides: list[str]) -> dict:
             order = list(RUNNERS) if rnd % 2 == 0 else list(RUNNERS)[::-1]
             for runner in order:
                 if runner == "vlmtrain":
-                    loss, seconds = run_vlmtrain(vlm_cfg, model, vlm_batches, args.warmup, Path(tmp))
+                    loss, seconds = run_vlmtrain(
+                        vlm_cfg, model, vlm_batches, args.warmup, Path(tmp)
+                    )
                     rates[runner].append(vlm_tokens / seconds)
                 else:
                     loss, seconds = RUNNERS[runner](cfg, llava, batches, args.warmup, Path(tmp))

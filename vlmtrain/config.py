@@ -256,6 +256,9 @@ class TrainerConfig:
     # Memory of one device for the plan's warning: GiB or a known GPU (h100, a100-40gb, ...;
     # vlmtrain.hardware). None: the visible GPU's, else an assumed A100-80GB.
     device_memory: Any = None
+    # Peak FLOP/s of one device, for the logged MFU (perf/mfu). None: the visible GPU's
+    # from vlmtrain.flops.PEAK_FLOPS at the training precision; none on CPU unless set.
+    peak_flops: float | None = None
 
 
 @dataclass

@@ -45,6 +45,7 @@ from vlmtrain.data.encode import SampleEncoder
 from vlmtrain.data.fingerprint import data_fingerprints
 from vlmtrain.data.images import ImageLimits, ImageProcessor
 from vlmtrain.data.quality import DataQuality
+from vlmtrain.flops import peak_flops
 from vlmtrain.hardware import check_strategy
 from vlmtrain.loggers import build_logger, log_location
 from vlmtrain.model.freezing import apply_trainable, parameter_table
@@ -260,6 +261,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
 
     encoder = make_encoder(cfg, model, tokenizer)
     module, datamodule = objective.build(cfg, model, tokenizer, encoder, stage_dir)
+    module.peak_flops = peak_flops(cfg.trainer)
 
     trainer = build_trainer(
         cfg, stage_dir, CheckpointRecord(hashed, digest), fresh_start=chosen is None

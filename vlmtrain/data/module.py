@@ -20,6 +20,7 @@ from vlmtrain.data.encode import SampleEncoder, collate
 from vlmtrain.data.mixture import MixtureDataset
 from vlmtrain.data.sampler import EpochShuffleSampler
 from vlmtrain.data.samples import load_samples
+from vlmtrain.data.wait import DataWait, TimedLoader
 
 
 class StageDataModule(L.LightningDataModule):
@@ -42,6 +43,7 @@ class StageDataModule(L.LightningDataModule):
                 f"(data.datasets has {sorted(data.datasets)})"
             )
         self.datasets = {name: dataset_config(data, name) for name in stage.mixture}
+        self.data_wait = DataWait()  # the train loader's wait for batches (perf/data_wait_s)
 
     def _mixture(self, split: str, total: int | None = None) -> MixtureDataset | None:
         sources = {}
@@ -81,7 +83,7 @@ class StageDataModule(L.LightningDataModule):
         sampler = EpochShuffleSampler(
             len(self.train_set), self.seed, rank, world, lengths, step_samples * world
         )
-        return StatefulDataLoader(
+        loader = TimedLoader(
             self.train_set,
             batch_size=step_samples,
             sampler=sampler,
@@ -89,6 +91,8 @@ class StageDataModule(L.LightningDataModule):
             collate_fn=self.collate,
             num_workers=self.data.num_workers,
         )
+        loader.wait = self.data_wait
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

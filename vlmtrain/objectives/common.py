@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vlmtrain.config import StageConfig
 from vlmtrain.data.chat import IGNORE_INDEX
+from vlmtrain.flops import throughput_metrics
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.optim import build_optimizer, param_groups, warmup_cosine
 
@@ -46,6 +47,10 @@ class StageModule(L.LightningModule):
         self.stage = stage
         self.automatic_optimization = False
         self.tokens_seen = 0  # non-padding tokens (text + image) over all ranks
+        # Model FLOPs per token (vlmtrain.flops), set once per stage by an objective that
+        # counts them; with the device's peak FLOP/s (set by train.py) MFU is logged.
+        self.flops_per_token: float | None = None
+        self.peak_flops: float | None = None
 
     def optimized_components(self) -> dict[str, torch.nn.Module]:
         """What the optimizer trains, by name (``stage.trainable.lr_mult`` keys): the
@@ -127,6 +132,11 @@ class StageModule(L.LightningModule):
             row["perf/step_time_s"] = dt
             row["perf/tokens_per_s"] = tokens / dt
             row[f"perf/{unit}_per_s"] = samples / dt
+            world = self.trainer.world_size
+            row.update(throughput_metrics(tokens, dt, world, self.flops_per_token, self.peak_flops))
+        wait = getattr(getattr(self.trainer, "datamodule", None), "data_wait", None)
+        if wait is not None and (mean := wait.take()) is not None:
+            row["perf/data_wait_s"] = mean
         for logger in self.loggers:
             logger.log_metrics(row, step=step)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from vlmtrain.config import StageConfig
 from vlmtrain.data.chat import IGNORE_INDEX
+from vlmtrain.flops import StepShape, flops_per_token
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.common import StageModule
 from vlmtrain.objectives.registry import Objective
@@ -110,6 +111,8 @@ class NextTokenModule(StageModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         step = self.global_step  # one batch is one optimizer step: Lightning's logging step
+        if self.flops_per_token is None:  # once per stage, on a typical sample of its data
+            self.flops_per_token = flops_per_token(self.model, StepShape.of_batch(batch))
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         world = self.trainer.world_size
