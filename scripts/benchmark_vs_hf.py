@@ -99,7 +99,10 @@ def timed(ends: list[float], warmup: int) -> float:
 
 
 def run_vlmtrain(cfg, model, batches, warmup: int, tmp: Path) -> tuple[float, float]:
-    module = NextTokenModule(copy.deepcopy(model), cfg.stage)
+    model = copy.deepcopy(model)
+    if cfg.trainer.compile:  # as vlmtrain.train.run_stage does
+        model.compile()
+    module = NextTokenModule(model, cfg.stage)
     clock = StepClock()
     trainer = build_trainer(cfg, tmp / "vlmtrain", fresh_start=True)
     trainer.callbacks.append(clock)

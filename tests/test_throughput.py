@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from tests.test_cli import base_args, vlmtrain
+from tests.test_cli import base_args, losses, vlmtrain
 from vlmtrain.config import ModelConfig
 from vlmtrain.flops import StepShape, step_flops, throughput_metrics
 from vlmtrain.model.vlm import VisionLanguageModel
@@ -80,32 +81,59 @@ def test_mfu_from_tokens_and_peak():
 
 
 def test_stage_logs_throughput_mfu_and_data_wait(shapes_root, tmp_path):
-    """Through the CLI: every logged step has tokens/s per device, model TFLOP/s, MFU
-    against trainer.peak_flops and the time waited for data."""
-    vlmtrain(
-        [
-            *base_args(shapes_root, tmp_path),
-            "stage=sft",
-            "stage.max_steps=3",
-            "stage.val_every=0",
-            "stage.trainable.vision=true",
-            "trainer.peak_flops=1e12",
-            "run_name=perf",
-        ],
+    """Through the CLI, an alignment stage (frozen tower) with the disk feature cache:
+    its losses are those of the same stage without it; every logged step has tokens/s
+    per device, model TFLOP/s, MFU against trainer.peak_flops and the time waited for data."""
+    args = [
+        *base_args(shapes_root, tmp_path),
+        "stage=align",
+        "stage.max_steps=3",
+        "stage.val_every=0",
+        "data.cache_encoded=true",  # epochs repeat images: the second reads the cache
+        "stage.batch_size=2",
+        "data.datasets.caption.train=${data.root}/caption_val.json",  # a small file
+    ]
+    vlmtrain([*args, "run_name=plain"], cwd=tmp_path)
+    cached = vlmtrain(
+        [*args, "run_name=cached", "trainer.feature_cache=disk", "trainer.peak_flops=1e12"],
         cwd=tmp_path,
     )
-    with (tmp_path / "perf" / "sft" / "logs" / "csv" / "metrics.csv").open() as f:
+    assert "feature_cache" not in cached.stdout  # used, not turned off
+    stored = list((tmp_path / "cached" / "align" / "feature_cache").rglob("*.safetensors"))
+    assert len(stored) > 0
+    assert losses(tmp_path / "cached" / "align" / "logs" / "csv" / "metrics.csv") == losses(
+        tmp_path / "plain" / "align" / "logs" / "csv" / "metrics.csv"
+    )
+    with (tmp_path / "cached" / "align" / "logs" / "csv" / "metrics.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("perf/step_time_s")]
     assert len(rows) == 2  # the first step has no step time
     for r in rows:
-        tps, tflops = (
-            float(r["perf/tokens_per_s_per_device"]),
-            float(r["perf/model_tflops_per_device"]),
-        )
+        tps = float(r["perf/tokens_per_s_per_device"])
+        tflops = float(r["perf/model_tflops_per_device"])
         assert float(r["perf/mfu"]) == pytest.approx(tflops / 1.0)
         # The tiny model: some hundred thousand FLOPs per token (tower and LM, fwd + bwd).
         assert 1e5 < tflops * 1e12 / tps < 1e8
         assert 0 <= float(r["perf/data_wait_s"]) < float(r["perf/step_time_s"]) * 10
+
+
+def test_feature_cache_equals_recomputation_and_is_refused_where_it_would_not(compose):
+    from tests.helpers import trained_model
+    from vlmtrain.model.feature_cache import FeatureCache, pixel_keys, why_not_cacheable
+
+    cfg = compose("stage=align")
+    model, *_ = trained_model(cfg, steps=1)
+    tower = model.vision_tower.requires_grad_(False)
+    pixels = torch.randn(5, 3, 64, 64)
+    want = tower(pixels)
+    cache = FeatureCache("memory")
+    first = cache.tower_features(tower, pixels[:3], pixel_keys(pixels[:3]))  # 3 misses
+    both = cache.tower_features(tower, pixels, pixel_keys(pixels))  # 3 hits, 2 misses
+    assert (cache.hits, cache.misses) == (3, 5)
+    torch.testing.assert_close(first, want[:3], rtol=0, atol=1e-6)
+    torch.testing.assert_close(both, want, rtol=0, atol=1e-6)
+    assert why_not_cacheable(tower, trainable=True, augmented=False) == "the vision tower trains"
+    assert why_not_cacheable(tower, trainable=False, augmented=True)
+    assert why_not_cacheable(tower, trainable=False, augmented=False) is None
 
 
 def test_plan_prints_flops_per_step(compose):

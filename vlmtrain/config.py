@@ -251,6 +251,13 @@ class TrainerConfig:
     # Recompute each transformer layer's activations in backward: far less activation
     # memory for about a third more compute (transformers' gradient checkpointing).
     activation_checkpointing: bool = False
+    # torch.compile the components (VisionLanguageModel.compile); the first steps of each
+    # new shape compile. Measured in README "Throughput".
+    compile: bool = False
+    # A frozen vision tower's features computed once per image: memory | disk (under the
+    # stage's directory, reused by later runs of the same tower) | null. Stages whose tower
+    # trains, has dropout or sees augmented images run without it (and say so).
+    feature_cache: str | None = None
     deterministic: bool = False
     progress_bar: bool = True
     # Memory of one device for the plan's warning: GiB or a known GPU (h100, a100-40gb, ...;

@@ -51,6 +51,10 @@ class StageModule(L.LightningModule):
         # counts them; with the device's peak FLOP/s (set by train.py) MFU is logged.
         self.flops_per_token: float | None = None
         self.peak_flops: float | None = None
+        # trainer.feature_cache (vlmtrain.model.feature_cache), where the objective uses
+        # one, and why a stage runs without it.
+        self.feature_cache = None
+        self.feature_cache_note: str | None = None
 
     def optimized_components(self) -> dict[str, torch.nn.Module]:
         """What the optimizer trains, by name (``stage.trainable.lr_mult`` keys): the

@@ -10,6 +10,7 @@ batch is split never changes the loss or the gradient.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from vlmtrain.config import StageConfig
 from vlmtrain.data.chat import IGNORE_INDEX
 from vlmtrain.flops import StepShape, flops_per_token
+from vlmtrain.model.feature_cache import FeatureCache, pixel_keys, weights_digest, why_not_cacheable
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.common import StageModule
 from vlmtrain.objectives.registry import Objective
@@ -83,6 +85,7 @@ def micro_batches(batch: dict, size: int):
     n = batch["input_ids"].shape[0]
     counts = batch["image_counts"]
     image_start = torch.cumsum(torch.cat([counts.new_zeros(1), counts]), 0)
+    keys = batch.get("image_keys")  # frozen-tower feature cache keys, one per image
     for lo in range(0, n, size):
         hi = min(n, lo + size)
         pixels = batch["pixel_values"]
@@ -90,6 +93,7 @@ def micro_batches(batch: dict, size: int):
             pixels = pixels[image_start[lo] : image_start[hi]]
             pixels = pixels if pixels.shape[0] else None
         yield {
+            "image_keys": keys[image_start[lo] : image_start[hi]] if keys is not None else None,
             "ids": batch.get("ids", [None] * n)[lo:hi],
             "datasets": batch.get("datasets", [None] * n)[lo:hi],
             "input_ids": batch["input_ids"][lo:hi],
@@ -136,12 +140,7 @@ class NextTokenModule(StageModule):
         # Row 0: weighted loss sums per dataset; row 1: their weights.
         by_dataset = torch.zeros(2, len(self.dataset_index), device=self.device)
         for mb in micro_batches(batch, self.stage.batch_size):
-            logits = self.model(
-                mb["input_ids"],
-                mb["attention_mask"],
-                mb["pixel_values"],
-                logits_at=supervised_positions(mb["labels"]),
-            )
+            logits = self._logits(mb)
             per_sample = sample_loss_sums(logits, mb["labels"], self.exponent)
             mb_loss = per_sample.sum()
             if mb["pixel_values"] is None and world > 1:
@@ -156,6 +155,29 @@ class NextTokenModule(StageModule):
         self.tokens_seen += int(all_tokens)
         self._log_step(step, loss, batch, optimizer, int(all_tokens), by_dataset)
         return loss
+
+    def _logits(self, mb: dict) -> torch.Tensor:
+        """Logits at the supervised positions; image features from the frozen-tower
+        cache when the stage has one."""
+        pixels, features = mb["pixel_values"], None
+        if self.feature_cache is not None and pixels is not None:
+            tower = self.feature_cache.tower_features(
+                self.model.vision_tower, pixels, mb["image_keys"]
+            )
+            pixels, features = None, self.model.multi_modal_projector(tower)
+        return self.model(
+            mb["input_ids"],
+            mb["attention_mask"],
+            pixels,
+            logits_at=supervised_positions(mb["labels"]),
+            image_features=features,
+        )
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Feature-cache keys are digests of the pixels, taken while they are on the CPU."""
+        if self.feature_cache is not None and "pixel_values" in batch:
+            batch["image_keys"] = pixel_keys(batch["pixel_values"])
+        return batch
 
     def _add_by_dataset(self, by_dataset: torch.Tensor, mb: dict, per_sample: torch.Tensor):
         """Add each sample's loss sum and weight to its dataset's column (samples from
@@ -196,12 +218,7 @@ class NextTokenModule(StageModule):
 
     # -------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int):
-        logits = self.model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            logits_at=supervised_positions(batch["labels"]),
-        )
+        logits = self._logits(batch)
         self._val_sums.append(
             torch.stack(
                 [
@@ -222,9 +239,16 @@ class NextTokenModule(StageModule):
 def _build(cfg, model: VisionLanguageModel, tokenizer, encoder, stage_dir):
     from vlmtrain.data.module import StageDataModule
 
-    return NextTokenModule(model, cfg.stage), StageDataModule(
-        cfg.data, cfg.stage, encoder, cfg.seed
-    )
+    module = NextTokenModule(model, cfg.stage)
+    mode = cfg.trainer.get("feature_cache")
+    if mode:
+        why = why_not_cacheable(model.vision_tower, cfg.stage.trainable.vision, augmented=False)
+        if why:
+            module.feature_cache_note = f"trainer.feature_cache={mode} is off here: {why}"
+        else:
+            directory = Path(stage_dir) / "feature_cache" / weights_digest(model.vision_tower)
+            module.feature_cache = FeatureCache(mode, directory if mode == "disk" else None)
+    return module, StageDataModule(cfg.data, cfg.stage, encoder, cfg.seed)
 
 
 OBJECTIVE = Objective(build=_build)
