@@ -145,3 +145,63 @@ def test_plan_prints_flops_per_step(compose):
     assert parts["vision"]["backward"] == 0  # frozen tower, nothing trainable before it
     assert 0 < parts["lm"]["forward"] < parts["lm"]["backward"] < 2 * parts["lm"]["forward"]
     assert plan["flops"]["per_step"] == sum(v for p in parts.values() for v in p.values())
+
+
+def test_encoded_store_gives_the_encoders_samples_to_workers(compose, tmp_path):
+    """The store (built once, memory-mapped) gives loader workers exactly what encoding
+    gives; a second data module of the same data and encoder reuses the table."""
+    from vlmtrain.data.module import StageDataModule
+    from vlmtrain.train import build_model, make_encoder, resolve_init
+
+    store = tmp_path / "store"
+    cfg = compose(
+        "stage=sft",
+        "stage.allow_frozen_fresh=true",
+        "stage.val_every=0",
+        "stage.batch_size=4",
+        "data.num_workers=1",
+        f"data.encoded_store={store}",
+        "data.datasets.instruct.train=${data.root}/chat_val.json",  # small files
+    )
+    tokenizer, model = build_model(cfg, resolve_init(cfg.stage, cfg.model, tmp_path))
+    encoder = make_encoder(cfg, model, tokenizer)
+    stored = StageDataModule(cfg.data, cfg.stage, encoder, cfg.seed)
+    stored.setup("fit")
+    tables = sorted(p.name for p in store.iterdir())
+    assert len(tables) == 1
+    cfg.data.encoded_store = None
+    plain = StageDataModule(cfg.data, cfg.stage, encoder, cfg.seed)
+    plain.setup("fit")
+    batches = zip(stored.train_dataloader(), plain.train_dataloader(), strict=True)
+    for _, (a, b) in zip(range(3), batches):
+        for key, value in a.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, b[key]), key
+            else:
+                assert value == b[key], key
+    cfg.data.encoded_store = str(store)
+    StageDataModule(cfg.data, cfg.stage, encoder, cfg.seed).setup("fit")
+    assert sorted(p.name for p in store.iterdir()) == tables  # reused, not rebuilt
+
+
+@pytest.mark.slow
+def test_kill_and_resume_exact_with_workers_store_and_feature_cache(shapes_root, tmp_path):
+    args = [
+        *base_args(shapes_root, tmp_path),
+        "stage=align",
+        "stage.max_steps=6",
+        "stage.val_every=0",
+        "trainer.checkpoint_every=2",
+        "data.num_workers=2",
+        f"data.encoded_store={tmp_path / 'store'}",
+        "trainer.feature_cache=disk",
+    ]
+    vlmtrain([*args, "run_name=straight"], cwd=tmp_path)
+    killed = vlmtrain(
+        [*args, "run_name=killed"], cwd=tmp_path, env={"VLMTRAIN_KILL_AFTER_STEP": "3"}, check=False
+    )
+    assert killed.returncode != 0
+    vlmtrain([*args, "run_name=killed"], cwd=tmp_path)
+    want = losses(tmp_path / "straight" / "align" / "logs" / "csv" / "metrics.csv")
+    assert len(want) == 6
+    assert losses(tmp_path / "killed" / "align" / "logs" / "csv" / "metrics.csv") == want

@@ -101,6 +101,10 @@ class DataConfig:
     # Keep every encoded sample (token ids, labels, pixels) in memory after first use:
     # for datasets that fit in RAM and are seen for many epochs (the tiny recipe).
     cache_encoded: bool = False
+    # A directory for the encoded store (vlmtrain.data.store): every data file encoded
+    # once into memory-mapped Arrow, shared by loader workers, epochs, stages and runs
+    # with the same data and encoder settings. None: encode on the fly.
+    encoded_store: str | None = None
     # Part of a stage's identity: each data file's size and hash, and, when this is on,
     # each image's size and modification time (a stat per image; turn off for millions
     # of images on a slow shared file system).

@@ -10,6 +10,7 @@ One train batch holds ``batch_size * accumulate`` samples: one optimizer step.
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -46,22 +47,40 @@ class StageDataModule(L.LightningDataModule):
         self.data_wait = DataWait()  # the train loader's wait for batches (perf/data_wait_s)
 
     def _mixture(self, split: str, total: int | None = None) -> MixtureDataset | None:
-        sources = {}
+        sources, paths = {}, {}
         for name, weight in self.stage.mixture.items():
             path = getattr(self.datasets[name], split)
             if weight > 0:
                 if path is None:
                     return None
-                sources[name] = self.read(path)
+                sources[name], paths[name] = self.read(path), path
+        encoder = self.encoder
+        if self.data.get("encoded_store") and isinstance(encoder, SampleEncoder):
+            sources, encoder = self._stored(sources, paths)
         return MixtureDataset(
             sources,
             self.stage.mixture,
-            self.encoder,
+            encoder,
             self.seed,
             total,
             self.data.cache_encoded,
             self.data.max_skipped,
         )
+
+    def _stored(self, sources: dict, paths: dict):
+        """Sources read through the encoded store (vlmtrain.data.store), built once."""
+        from vlmtrain.data.fingerprint import file_fingerprint
+        from vlmtrain.data.store import StoredEncoder, StoredSource, open_store
+
+        tables, stored = {}, {}
+        for name, samples in sources.items():
+            fp = file_fingerprint(Path(paths[name]), Path(self.data.root), True, name)
+            file_key = f"{fp['sha256']}:{fp['images']}"
+            table = open_store(self.data.encoded_store, file_key, samples, self.encoder)
+            # Samples name their file as ``source``: the encoder finds the table by it.
+            tables[samples[0]["source"]] = table
+            stored[name] = StoredSource(samples, table)
+        return stored, StoredEncoder(self.encoder, tables)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self._mixture("train")
