@@ -173,7 +173,7 @@ def test_encoded_store_gives_the_encoders_samples_to_workers(compose, tmp_path):
     plain = StageDataModule(cfg.data, cfg.stage, encoder, cfg.seed)
     plain.setup("fit")
     batches = zip(stored.train_dataloader(), plain.train_dataloader(), strict=True)
-    for _, (a, b) in zip(range(3), batches):
+    for _, (a, b) in zip(range(3), batches, strict=False):
         for key, value in a.items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, b[key]), key
