@@ -47,6 +47,7 @@ class StageModule(L.LightningModule):
         self.stage = stage
         self.automatic_optimization = False
         self.tokens_seen = 0  # non-padding tokens (text + image) over all ranks
+        self._tokens_pending: torch.Tensor | None = None  # added on the device, not yet read
         # Model FLOPs per token (vlmtrain.flops), set once per stage by an objective that
         # counts them; with the device's peak FLOP/s (set by train.py) MFU is logged.
         self.flops_per_token: float | None = None
@@ -77,6 +78,20 @@ class StageModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def add_tokens(self, tokens: torch.Tensor) -> None:
+        """Count a step's tokens without reading the device value now (a sync per step);
+        ``tokens_seen`` is brought up to date when checkpointed and when training ends."""
+        pending = self._tokens_pending
+        self._tokens_pending = tokens.detach() if pending is None else pending + tokens.detach()
+
+    def _read_tokens(self) -> None:
+        if self._tokens_pending is not None:
+            self.tokens_seen += int(self._tokens_pending)
+            self._tokens_pending = None
+
+    def on_train_end(self) -> None:
+        self._read_tokens()
 
     def finish_step(self, optimizer, scheduler) -> None:
         """After the step's backward passes: check gradients (first step), clip, step."""
@@ -147,6 +162,7 @@ class StageModule(L.LightningModule):
     # ---------------------------------------------------- RNG state, for exact resume
     # Stored as tensors and plain Python values so checkpoints load with weights_only=True.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._read_tokens()
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["vlmtrain_rng"] = {
             "torch": torch.get_rng_state(),

@@ -128,11 +128,9 @@ class NextTokenModule(StageModule):
                 batch["attention_mask"].sum().float(),
             ]
         )
+        # No sync here: every batch was checked for a supervised token on the CPU
+        # (on_before_batch_transfer), so the weight is positive.
         step_weight, all_tokens = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        if step_weight == 0:
-            raise RuntimeError(
-                f"step {self.global_step}: no supervised token in the batch {batch['ids']}"
-            )
         # DDP averages gradients over ranks; scaling by world/step_weight makes the
         # result the weighted mean over the whole step.
         scale = world / step_weight
@@ -152,8 +150,8 @@ class NextTokenModule(StageModule):
         self.finish_step(optimizer, scheduler)
 
         loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum") / step_weight
-        self.tokens_seen += int(all_tokens)
-        self._log_step(step, loss, batch, optimizer, int(all_tokens), by_dataset)
+        self.add_tokens(all_tokens)
+        self._log_step(step, loss, batch, optimizer, all_tokens, by_dataset)
         return loss
 
     def _logits(self, mb: dict) -> torch.Tensor:
@@ -174,7 +172,13 @@ class NextTokenModule(StageModule):
         )
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Feature-cache keys are digests of the pixels, taken while they are on the CPU."""
+        """Checks and keys that read values, taken while the batch is on the CPU (no
+        device sync): a supervised token in the batch (the encoder guarantees one per
+        sample; a hand-built batch may lack it), feature-cache keys (pixel digests)."""
+        if self.trainer.training and not bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):
+            raise RuntimeError(
+                f"step {self.global_step}: no supervised token in the batch {batch.get('ids')}"
+            )
         if self.feature_cache is not None and "pixel_values" in batch:
             batch["image_keys"] = pixel_keys(batch["pixel_values"])
         return batch
@@ -182,12 +186,13 @@ class NextTokenModule(StageModule):
     def _add_by_dataset(self, by_dataset: torch.Tensor, mb: dict, per_sample: torch.Tensor):
         """Add each sample's loss sum and weight to its dataset's column (samples from
         outside the stage's mixture, e.g. a hand-built batch, have none)."""
-        names = mb["datasets"]
-        columns = torch.tensor([self.dataset_index.get(n, -1) for n in names], device=self.device)
-        known = columns >= 0
+        columns = [self.dataset_index.get(n, -1) for n in mb["datasets"]]
+        # Indices built on the host: a boolean mask on the device would sync (nonzero).
+        rows = torch.tensor([i for i, c in enumerate(columns) if c >= 0], device=self.device)
+        known = torch.tensor([c for c in columns if c >= 0], device=self.device)
         weights = token_weights(mb["labels"], self.exponent).sum(1)
-        parts = torch.stack([per_sample, weights])[:, known].to(by_dataset.dtype)
-        by_dataset.index_add_(1, columns[known], parts)
+        parts = torch.stack([per_sample, weights]).index_select(1, rows).to(by_dataset.dtype)
+        by_dataset.index_add_(1, known, parts)
 
     def _log_step(
         self,
@@ -195,7 +200,7 @@ class NextTokenModule(StageModule):
         loss: torch.Tensor,
         batch: dict,
         optimizer,
-        tokens: int,
+        tokens: torch.Tensor,
         by_dataset: torch.Tensor,
     ) -> None:
         """One logger row per logged step. ``self.log`` feeds only the progress bar and
@@ -207,7 +212,8 @@ class NextTokenModule(StageModule):
         self.log("train/loss", loss, prog_bar=True, logger=False, on_step=True, batch_size=1)
         if (step + 1) % self.trainer.log_every_n_steps:  # the steps Lightning would log
             return
-        metrics = {"train/loss": loss.item()}
+        metrics = {"train/loss": loss.item()}  # logged steps alone read device values
+        tokens = int(tokens)
         # The loss of each dataset's samples in this step, as ``train/loss`` weighs them.
         sums, weights = self.trainer.strategy.reduce(by_dataset, reduce_op="sum").tolist()
         for name, k in self.dataset_index.items():
