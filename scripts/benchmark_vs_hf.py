@@ -109,7 +109,7 @@ def timed(ends: list[float], warmup: int) -> float:
 
 def run_vlmtrain(cfg, model, batches, warmup: int, tmp: Path) -> tuple[float, float]:
     model = copy.deepcopy(model)
-    if cfg.trainer.compile:  # as vlmtrain.train.run_stage does
+    if cfg.trainer.get("compile"):  # as vlmtrain.train.run_stage does
         model.compile()
     module = NextTokenModule(model, cfg.stage)
     clock = StepClock()
