@@ -69,7 +69,11 @@ def meta_copy(model: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
+    meta = copy.deepcopy(model, memo)
+    for m in meta.modules():  # count the eager modules, not a compiled graph (trainer.compile)
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    return meta
 
 
 def _count(fn) -> tuple[int, object]:
