@@ -188,8 +188,9 @@ class NextTokenModule(StageModule):
         outside the stage's mixture, e.g. a hand-built batch, have none)."""
         columns = [self.dataset_index.get(n, -1) for n in mb["datasets"]]
         # Indices built on the host: a boolean mask on the device would sync (nonzero).
-        rows = torch.tensor([i for i, c in enumerate(columns) if c >= 0], device=self.device)
-        known = torch.tensor([c for c in columns if c >= 0], device=self.device)
+        rows = [i for i, c in enumerate(columns) if c >= 0]
+        known = torch.tensor([columns[i] for i in rows], dtype=torch.long, device=self.device)
+        rows = torch.tensor(rows, dtype=torch.long, device=self.device)
         weights = token_weights(mb["labels"], self.exponent).sum(1)
         parts = torch.stack([per_sample, weights]).index_select(1, rows).to(by_dataset.dtype)
         by_dataset.index_add_(1, known, parts)
