@@ -115,6 +115,10 @@ class DataConfig:
     # Keep every encoded sample (token ids, labels, pixels) in memory after first use:
     # for datasets that fit in RAM and are seen for many epochs (the tiny recipe).
     cache_encoded: bool = False
+    # A directory for the encoded store (vlmtrain.data.store): every data file encoded
+    # once into memory-mapped Arrow, shared by loader workers, epochs, stages and runs
+    # with the same data and encoder settings. None: encode on the fly.
+    encoded_store: str | None = None
     # Part of a stage's identity: each data file's size and hash, and, when this is on,
     # each image's size and modification time (a stat per image; turn off for millions
     # of images on a slow shared file system).
@@ -334,6 +338,13 @@ class TrainerConfig:
     # Recompute each transformer layer's activations in backward: far less activation
     # memory for about a third more compute (transformers' gradient checkpointing).
     activation_checkpointing: bool = False
+    # torch.compile the components (VisionLanguageModel.compile); the first steps of each
+    # new shape compile. Measured in README "Throughput".
+    compile: bool = False
+    # A frozen vision tower's features computed once per image: memory | disk (under the
+    # stage's directory, reused by later runs of the same tower) | null. Stages whose tower
+    # trains, has dropout or sees augmented images run without it (and say so).
+    feature_cache: str | None = None
     deterministic: bool = False
     progress_bar: bool = True
     # Memory of one device for the plan's warning: GiB or a known GPU (h100, a100-40gb, ...;
@@ -345,6 +356,9 @@ class TrainerConfig:
     requeue_signal: str | None = "SIGUSR1"
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    # Peak FLOP/s of one device, for the logged MFU (perf/mfu). None: the visible GPU's
+    # from vlmtrain.flops.PEAK_FLOPS at the training precision; none on CPU unless set.
+    peak_flops: float | None = None
 
 
 @dataclass

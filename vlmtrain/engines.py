@@ -114,6 +114,16 @@ def is_deepspeed(strategy) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
+def shards_weights(trainer: DictConfig) -> bool:
+    """Whether trainer.strategy partitions the weights themselves (FSDP, ZeRO-3)."""
+    name = trainer.strategy
+    if name == FSDP:
+        return True
+    return (name == DEEPSPEED or name in DEEPSPEED_ALIASES) and (
+        deepspeed_settings(trainer, name)[0] == 3
+    )
+
+
 def deepspeed_settings(trainer: DictConfig, name: str) -> tuple[int, bool, bool]:
     """(ZeRO stage, offload optimizer, offload parameters) of trainer.deepspeed, or of a
     Lightning name (deepspeed_stage_3_offload) that spells them."""

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from vlmtrain.composition import check_handoffs, describe_model
 from vlmtrain.data.tiling import max_tower_inputs
+from vlmtrain.flops import StepShape, step_flops, total
 from vlmtrain.hardware import check_strategy, device_memory_gib
 from vlmtrain.model.freezing import apply_trainable, parameter_counts
 from vlmtrain.model.vlm import VisionLanguageModel
@@ -149,6 +150,36 @@ def sharded_states(trainer: DictConfig, devices: int, unit_bytes: int) -> dict[s
     return full
 
 
+def plan_flops(model, cfg: DictConfig, data, samples_per_device: int) -> dict[str, Any]:
+    """Model FLOPs of one optimizer step on one device (vlmtrain.flops): a typical sample
+    of the data when it is here (mixture-weighted means), else one image and max_length
+    tokens per sample; times the samples of the step and the sequences each runs."""
+    stage = cfg.stage
+    sequences = objective_for(stage.objective).sequences_per_sample
+    weights = {r.name: stage.mixture.get(r.name, 0) for r in data or []}
+    if data and sum(weights.values()) > 0:
+
+        def mean(key):
+            sums = [(r.summary()[key].get("mean") or 0) * weights[r.name] for r in data]
+            return sum(sums) / sum(weights.values())
+
+        length, images = round(mean("tokens")), mean("image_tokens") / model.tokens_per_image
+        logits, basis = round(mean("supervised_tokens")), "a typical sample of the data"
+    else:
+        length, images = stage.max_length, 1
+        logits, basis = max(stage.max_length - model.tokens_per_image, 1), "max_length, 1 image"
+    shape = StepShape(max(sequences, 1), max(length, 1), round(images), max(logits, 1))
+    per_sample = step_flops(model, shape, lm_runs=sequences > 0)
+    return {
+        "per_step": total(per_sample) * samples_per_device,
+        "by_part": {
+            part: {k: v * samples_per_device for k, v in fb.items()}
+            for part, fb in per_sample.items()
+        },
+        "basis": basis,
+    }
+
+
 def describe_init(cfg: DictConfig) -> dict[str, str]:
     """What each component starts from, without touching the filesystem."""
     out = {}
@@ -211,6 +242,7 @@ def plan_stage(cfg: DictConfig) -> dict[str, Any]:
             "(max_length less one image's tokens; no data to measure)"
         ),
         "data": data,
+        "flops": plan_flops(model, cfg, data, stage.batch_size * stage.accumulate),
     }
 
 
@@ -274,6 +306,12 @@ def print_plan(plans: list[dict[str, Any]], cfg: DictConfig) -> None:
                 if k not in ("weights", "grads", "optimizer", "activations", "total")
             )
             + f"\n  logits per sample: {p['logits_per_sample']}"
+            + f"\n  model FLOPs per step and device ({p['flops']['basis']}): "
+            + f"{p['flops']['per_step']:.3g} = "
+            + " + ".join(
+                f"{part} {fb['forward']:.3g} fwd / {fb['backward']:.3g} bwd"
+                for part, fb in p["flops"]["by_part"].items()
+            )
         )
         if available is not None and mem["total"] > available:
             console.print(

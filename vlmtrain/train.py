@@ -48,6 +48,7 @@ from vlmtrain.data.quality import DataQuality
 from vlmtrain.data.stage_data import resolve_stage_data
 from vlmtrain.data.tiling import tiler_for
 from vlmtrain.engines import build_strategy
+from vlmtrain.flops import peak_flops
 from vlmtrain.hardware import check_strategy
 from vlmtrain.loggers import build_logger, log_location
 from vlmtrain.model.freezing import apply_trainable, parameter_table
@@ -265,10 +266,16 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     apply_trainable(model, stage.trainable, stage.lora)
     if cfg.trainer.activation_checkpointing:
         model.enable_activation_checkpointing()
+    if cfg.trainer.compile:
+        model.compile()
     _print_start(stage, model, init)
 
     encoder = make_encoder(cfg, model, tokenizer)
     module, datamodule = objective.build(cfg, model, tokenizer, encoder, stage_dir)
+    module.peak_flops = peak_flops(cfg.trainer)
+    if cfg.trainer.feature_cache and module.feature_cache is None:
+        note = module.feature_cache_note or f"objective {stage.objective} does not use it"
+        _say(stage.name)(note if module.feature_cache_note else f"trainer.feature_cache: {note}")
 
     trainer = build_trainer(
         cfg,

@@ -10,6 +10,7 @@ One train batch holds ``batch_size * accumulate`` samples: one optimizer step.
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -21,6 +22,7 @@ from vlmtrain.data.encode import SampleEncoder, collate
 from vlmtrain.data.mixture import MixtureDataset
 from vlmtrain.data.sampler import EpochShuffleSampler
 from vlmtrain.data.samples import load_samples
+from vlmtrain.data.wait import DataWait, TimedLoader
 
 
 class StageDataModule(L.LightningDataModule):
@@ -43,24 +45,43 @@ class StageDataModule(L.LightningDataModule):
                 f"(data.datasets has {sorted(data.datasets)})"
             )
         self.datasets = {name: dataset_config(data, name) for name in stage.mixture}
+        self.data_wait = DataWait()  # the train loader's wait for batches (perf/data_wait_s)
 
     def _mixture(self, split: str, total: int | None = None) -> MixtureDataset | None:
-        sources = {}
+        sources, paths = {}, {}
         for name, weight in self.stage.mixture.items():
             path = getattr(self.datasets[name], split)
             if weight > 0:
                 if path is None:
                     return None
-                sources[name] = self.read(path)
+                sources[name], paths[name] = self.read(path), path
+        encoder = self.encoder
+        if self.data.get("encoded_store") and isinstance(encoder, SampleEncoder):
+            sources, encoder = self._stored(sources, paths)
         return MixtureDataset(
             sources,
             self.stage.mixture,
-            self.encoder,
+            encoder,
             self.seed,
             total,
             self.data.cache_encoded,
             self.data.max_skipped,
         )
+
+    def _stored(self, sources: dict, paths: dict):
+        """Sources read through the encoded store (vlmtrain.data.store), built once."""
+        from vlmtrain.data.fingerprint import file_fingerprint
+        from vlmtrain.data.store import StoredEncoder, StoredSource, open_store
+
+        tables, stored = {}, {}
+        for name, samples in sources.items():
+            fp = file_fingerprint(Path(paths[name]), Path(self.data.root), True, name)
+            file_key = f"{fp['sha256']}:{fp['images']}"
+            table = open_store(self.data.encoded_store, file_key, samples, self.encoder)
+            # Samples name their file as ``source``: the encoder finds the table by it.
+            tables[samples[0]["source"]] = table
+            stored[name] = StoredSource(samples, table)
+        return stored, StoredEncoder(self.encoder, tables)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self._mixture("train")
@@ -82,7 +103,7 @@ class StageDataModule(L.LightningDataModule):
         sampler = EpochShuffleSampler(
             len(self.train_set), self.seed, rank, world, lengths, step_samples * world
         )
-        return StatefulDataLoader(
+        loader = TimedLoader(
             self.train_set,
             batch_size=step_samples,
             sampler=sampler,
@@ -94,6 +115,8 @@ class StageDataModule(L.LightningDataModule):
             # after the checkpoint's random state is restored).
             generator=torch.Generator().manual_seed(self.seed),
         )
+        loader.wait = self.data_wait
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

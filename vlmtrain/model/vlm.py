@@ -80,6 +80,16 @@ class VisionLanguageModel(nn.Module):
         for model in (self.vision_tower.model, self.language_model):
             model.activation_checkpointing_enable({"use_reentrant": False})
 
+    def compile(self, **kwargs) -> None:  # noqa: A003 - nn.Module.compile, per component
+        """torch.compile each component in place (``nn.Module.compile``: parameter names and
+        checkpoints unchanged). The LM's decoder is compiled rather than the LM, since
+        training calls it directly (logits only at supervised positions). ``dynamic``:
+        sequence lengths vary per batch."""
+        kwargs.setdefault("dynamic", True)
+        for part in (self.vision_tower, self.multi_modal_projector):
+            part.compile(**kwargs)
+        self.language_model.get_decoder().compile(**kwargs)
+
     @property
     def vision_spec(self) -> VisionSpec:
         return self.vision_tower.spec()

@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from vlmtrain.config import StageConfig
 from vlmtrain.data.chat import IGNORE_INDEX
 from vlmtrain.engines import is_deepspeed
+from vlmtrain.flops import throughput_metrics
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.optim import build_optimizer, param_groups, warmup_cosine
 
@@ -50,6 +51,15 @@ class StageModule(L.LightningModule):
         # trainer.strategy=fsdp: the unsharded, meta-device copy of the children
         # (configure_model) that the artifact's full weights are consolidated into.
         self.sharded_skeleton: dict[str, torch.nn.Module] | None = None
+        self._tokens_pending: torch.Tensor | None = None  # added on the device, not yet read
+        # Model FLOPs per token (vlmtrain.flops), set once per stage by an objective that
+        # counts them; with the device's peak FLOP/s (set by train.py) MFU is logged.
+        self.flops_per_token: float | None = None
+        self.peak_flops: float | None = None
+        # trainer.feature_cache (vlmtrain.model.feature_cache), where the objective uses
+        # one, and why a stage runs without it.
+        self.feature_cache = None
+        self.feature_cache_note: str | None = None
 
     def optimized_components(self) -> dict[str, torch.nn.Module]:
         """What the optimizer trains, by name (``stage.trainable.lr_mult`` keys): the
@@ -85,6 +95,20 @@ class StageModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def add_tokens(self, tokens: torch.Tensor) -> None:
+        """Count a step's tokens without reading the device value now (a sync per step);
+        ``tokens_seen`` is brought up to date when checkpointed and when training ends."""
+        pending = self._tokens_pending
+        self._tokens_pending = tokens.detach() if pending is None else pending + tokens.detach()
+
+    def _read_tokens(self) -> None:
+        if self._tokens_pending is not None:
+            self.tokens_seen += int(self._tokens_pending)
+            self._tokens_pending = None
+
+    def on_train_end(self) -> None:
+        self._read_tokens()
 
     def finish_step(self, optimizer, scheduler) -> None:
         """After the step's backward passes: check gradients (first step), clip, step."""
@@ -147,12 +171,18 @@ class StageModule(L.LightningModule):
             row["perf/step_time_s"] = dt
             row["perf/tokens_per_s"] = tokens / dt
             row[f"perf/{unit}_per_s"] = samples / dt
+            world = self.trainer.world_size
+            row.update(throughput_metrics(tokens, dt, world, self.flops_per_token, self.peak_flops))
+        wait = getattr(getattr(self.trainer, "datamodule", None), "data_wait", None)
+        if wait is not None and (mean := wait.take()) is not None:
+            row["perf/data_wait_s"] = mean
         for logger in self.loggers:
             logger.log_metrics(row, step=step)
 
     # ---------------------------------------------------- RNG state, for exact resume
     # Stored as tensors and plain Python values so checkpoints load with weights_only=True.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._read_tokens()
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["vlmtrain_rng"] = {
             "torch": torch.get_rng_state(),

@@ -10,12 +10,16 @@ batch is split never changes the loss or the gradient.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from vlmtrain.config import StageConfig
 from vlmtrain.data.chat import IGNORE_INDEX
+from vlmtrain.engines import shards_weights
+from vlmtrain.flops import StepShape, flops_per_token
+from vlmtrain.model.feature_cache import FeatureCache, pixel_keys, weights_digest, why_not_cacheable
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.common import StageModule
 from vlmtrain.objectives.registry import Objective
@@ -82,6 +86,7 @@ def micro_batches(batch: dict, size: int):
     n = batch["input_ids"].shape[0]
     counts = batch["image_counts"]
     image_start = torch.cumsum(torch.cat([counts.new_zeros(1), counts]), 0)
+    keys = batch.get("image_keys")  # frozen-tower feature cache keys, one per image
     for lo in range(0, n, size):
         hi = min(n, lo + size)
         pixels = batch["pixel_values"]
@@ -89,6 +94,7 @@ def micro_batches(batch: dict, size: int):
             pixels = pixels[image_start[lo] : image_start[hi]]
             pixels = pixels if pixels.shape[0] else None
         yield {
+            "image_keys": keys[image_start[lo] : image_start[hi]] if keys is not None else None,
             "ids": batch.get("ids", [None] * n)[lo:hi],
             "datasets": batch.get("datasets", [None] * n)[lo:hi],
             "input_ids": batch["input_ids"][lo:hi],
@@ -110,6 +116,8 @@ class NextTokenModule(StageModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         step = self.global_step  # one batch is one optimizer step: Lightning's logging step
+        if self.flops_per_token is None:  # once per stage, on a typical sample of its data
+            self.flops_per_token = flops_per_token(self.model, StepShape.of_batch(batch))
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         world = self.trainer.world_size
@@ -121,11 +129,9 @@ class NextTokenModule(StageModule):
                 batch["attention_mask"].sum().float(),
             ]
         )
+        # No sync here: every batch was checked for a supervised token on the CPU
+        # (on_before_batch_transfer), so the weight is positive.
         step_weight, all_tokens = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        if step_weight == 0:
-            raise RuntimeError(
-                f"step {self.global_step}: no supervised token in the batch {batch['ids']}"
-            )
         # DDP averages gradients over ranks; scaling by world/step_weight makes the
         # result the weighted mean over the whole step.
         scale = world / step_weight
@@ -137,12 +143,7 @@ class NextTokenModule(StageModule):
             # images does: DDP gets its gradients, FSDP's gathers stay in the same order.
             no_image = mb["pixel_values"] is None and world > 1
             touch = self._touch_image_path() if no_image else None
-            logits = self.model(
-                mb["input_ids"],
-                mb["attention_mask"],
-                mb["pixel_values"],
-                logits_at=supervised_positions(mb["labels"]),
-            )
+            logits = self._logits(mb)
             per_sample = sample_loss_sums(logits, mb["labels"], self.exponent)
             mb_loss = per_sample.sum()
             if touch is not None:
@@ -154,19 +155,50 @@ class NextTokenModule(StageModule):
         self.finish_step(optimizer, scheduler)
 
         loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum") / step_weight
-        self.tokens_seen += int(all_tokens)
-        self._log_step(step, loss, batch, optimizer, int(all_tokens), by_dataset)
+        self.add_tokens(all_tokens)
+        self._log_step(step, loss, batch, optimizer, all_tokens, by_dataset)
         return loss
+
+    def _logits(self, mb: dict) -> torch.Tensor:
+        """Logits at the supervised positions; image features from the frozen-tower
+        cache when the stage has one."""
+        pixels, features = mb["pixel_values"], None
+        if self.feature_cache is not None and pixels is not None:
+            tower = self.feature_cache.tower_features(
+                self.model.vision_tower, pixels, mb["image_keys"]
+            )
+            pixels, features = None, self.model.multi_modal_projector(tower)
+        return self.model(
+            mb["input_ids"],
+            mb["attention_mask"],
+            pixels,
+            logits_at=supervised_positions(mb["labels"]),
+            image_features=features,
+        )
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Checks and keys that read values, taken while the batch is on the CPU (no
+        device sync): a supervised token in the batch (the encoder guarantees one per
+        sample; a hand-built batch may lack it), feature-cache keys (pixel digests)."""
+        if self.trainer.training and not bool((batch["labels"][:, 1:] != IGNORE_INDEX).any()):
+            raise RuntimeError(
+                f"step {self.global_step}: no supervised token in the batch {batch.get('ids')}"
+            )
+        if self.feature_cache is not None and "pixel_values" in batch:
+            batch["image_keys"] = pixel_keys(batch["pixel_values"])
+        return batch
 
     def _add_by_dataset(self, by_dataset: torch.Tensor, mb: dict, per_sample: torch.Tensor):
         """Add each sample's loss sum and weight to its dataset's column (samples from
         outside the stage's mixture, e.g. a hand-built batch, have none)."""
-        names = mb["datasets"]
-        columns = torch.tensor([self.dataset_index.get(n, -1) for n in names], device=self.device)
-        known = columns >= 0
+        columns = [self.dataset_index.get(n, -1) for n in mb["datasets"]]
+        # Indices built on the host: a boolean mask on the device would sync (nonzero).
+        rows = [i for i, c in enumerate(columns) if c >= 0]
+        known = torch.tensor([columns[i] for i in rows], dtype=torch.long, device=self.device)
+        rows = torch.tensor(rows, dtype=torch.long, device=self.device)
         weights = token_weights(mb["labels"], self.exponent).sum(1)
-        parts = torch.stack([per_sample, weights])[:, known].to(by_dataset.dtype)
-        by_dataset.index_add_(1, columns[known], parts)
+        parts = torch.stack([per_sample, weights]).index_select(1, rows).to(by_dataset.dtype)
+        by_dataset.index_add_(1, known, parts)
 
     def _log_step(
         self,
@@ -174,7 +206,7 @@ class NextTokenModule(StageModule):
         loss: torch.Tensor,
         batch: dict,
         optimizer,
-        tokens: int,
+        tokens: torch.Tensor,
         by_dataset: torch.Tensor,
     ) -> None:
         """One logger row per logged step. ``self.log`` feeds only the progress bar and
@@ -186,7 +218,8 @@ class NextTokenModule(StageModule):
         self.log("train/loss", loss, prog_bar=True, logger=False, on_step=True, batch_size=1)
         if (step + 1) % self.trainer.log_every_n_steps:  # the steps Lightning would log
             return
-        metrics = {"train/loss": loss.item()}
+        metrics = {"train/loss": loss.item()}  # logged steps alone read device values
+        tokens = int(tokens)
         # The loss of each dataset's samples in this step, as ``train/loss`` weighs them.
         sums, weights = self.trainer.strategy.reduce(by_dataset, reduce_op="sum").tolist()
         for name, k in self.dataset_index.items():
@@ -197,12 +230,7 @@ class NextTokenModule(StageModule):
 
     # -------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int):
-        logits = self.model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            logits_at=supervised_positions(batch["labels"]),
-        )
+        logits = self._logits(batch)
         self._val_sums.append(
             torch.stack(
                 [
@@ -223,9 +251,19 @@ class NextTokenModule(StageModule):
 def _build(cfg, model: VisionLanguageModel, tokenizer, encoder, stage_dir):
     from vlmtrain.data.module import StageDataModule
 
-    return NextTokenModule(model, cfg.stage), StageDataModule(
-        cfg.data, cfg.stage, encoder, cfg.seed
-    )
+    module = NextTokenModule(model, cfg.stage)
+    mode = cfg.trainer.get("feature_cache")
+    if mode:
+        why = why_not_cacheable(model.vision_tower, cfg.stage.trainable.vision, augmented=False)
+        if not why and shards_weights(cfg.trainer):
+            # A cache hit skips the tower on one rank while another gathers its shards.
+            why = f"trainer.strategy={cfg.trainer.strategy} shards the tower"
+        if why:
+            module.feature_cache_note = f"trainer.feature_cache={mode} is off here: {why}"
+        else:
+            directory = Path(stage_dir) / "feature_cache" / weights_digest(model.vision_tower)
+            module.feature_cache = FeatureCache(mode, directory if mode == "disk" else None)
+    return module, StageDataModule(cfg.data, cfg.stage, encoder, cfg.seed)
 
 
 OBJECTIVE = Objective(build=_build)
