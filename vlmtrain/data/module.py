@@ -18,6 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from vlmtrain.config import DataConfig, StageConfig, dataset_config
 from vlmtrain.data.encode import SampleEncoder, collate
 from vlmtrain.data.mixture import MixtureDataset
+from vlmtrain.data.packing import pack_collate
 from vlmtrain.data.sampler import EpochShuffleSampler
 from vlmtrain.data.samples import load_samples
 
@@ -86,9 +87,17 @@ class StageDataModule(L.LightningDataModule):
             batch_size=step_samples,
             sampler=sampler,
             drop_last=True,
-            collate_fn=self.collate,
+            collate_fn=self.train_collate(),
             num_workers=self.data.num_workers,
         )
+
+    def train_collate(self):
+        """A step's samples right-padded, or packed into rows (stage.packing; validation
+        batches stay unpacked: their loss is the same either way)."""
+        if not self.stage.packing:
+            return self.collate
+        pad = self.encoder.tokenizer.pad_token_id
+        return partial(pack_collate, pad_token_id=pad, max_length=self.stage.max_length)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
