@@ -3,14 +3,22 @@ under every loss reduction, no attention across samples, and the refusal elsewhe
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import image_processor_for
+from test_cli import base_args, vlmtrain
 
 from vlmtrain.data.encode import SampleEncoder, collate
-from vlmtrain.data.packing import first_fit_decreasing, flatten_rows, pack_collate
+from vlmtrain.data.module import StageDataModule
+from vlmtrain.data.packing import (
+    first_fit_decreasing,
+    flatten_rows,
+    pack_collate,
+    padding_fraction,
+)
 from vlmtrain.data.samples import load_samples
 from vlmtrain.model.lm import load_tokenizer
 from vlmtrain.model.vlm import VisionLanguageModel
@@ -152,3 +160,71 @@ def test_packing_is_refused_where_the_objective_cannot_pack(compose, stage):
     cfg = compose(f"stage={stage}", "stage.packing=true")
     with pytest.raises(ValueError, match=r"stage\.packing=true is not supported"):
         objective_for(cfg.stage.objective).check_stage(cfg)
+
+
+# ------------------------------------------------------------------- through the CLI
+def _cli_args(shapes_root, out, packing: bool) -> list[str]:
+    """Tiny SFT on VQA whose steps of 8 samples (micro-batches of 2 rows) pack ~3 per row."""
+    return [
+        *base_args(shapes_root, out),
+        "stage=sft",
+        "+stage.mixture.vqa=1.0",
+        "stage.batch_size=2",
+        "stage.accumulate=4",
+        "stage.max_length=256",
+        f"stage.packing={str(packing).lower()}",
+        "trainer.checkpoint_every=3",
+    ]
+
+
+def _logged(run_dir: Path, key: str) -> dict[int, float]:
+    with (run_dir / "sft" / "logs" / "csv" / "metrics.csv").open() as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+
+def _padding(compose, shapes_root, packing: bool, steps: int) -> list[float]:
+    """The padding fraction of the first steps of the stage's own data module."""
+    cfg = compose(*_cli_args(shapes_root, Path("unused"), packing)[5:])
+    processor, _ = image_processor_for(cfg, shapes_root)
+    tokenizer = load_tokenizer(cfg.model)
+    enc = SampleEncoder(tokenizer, processor, cfg.model.image_token, cfg.stage.max_length)
+    dm = StageDataModule(cfg.data, cfg.stage, enc, cfg.seed)
+    dm.setup("fit")
+    out = []
+    for _, batch in zip(range(steps), dm.train_dataloader(), strict=False):
+        mbs = list(micro_batches(batch, cfg.stage.batch_size))
+        cells = sum(mb["attention_mask"].numel() for mb in mbs)
+        out.append(padding_fraction(cells, int(batch["attention_mask"].sum())))
+    return out
+
+
+def test_packed_sft_through_the_cli_logs_its_padding(compose, shapes_root, tmp_path):
+    """A packed stage trains from the command line and logs the padding it ran on: the
+    fraction its data module's steps have, under half of the same steps unpacked."""
+    vlmtrain([*_cli_args(shapes_root, tmp_path, True), "stage.max_steps=2"], cwd=tmp_path)
+    logged = _logged(tmp_path / "default", "perf/padding_fraction")
+    packed = _padding(compose, shapes_root, True, 2)
+    assert list(logged.values()) == pytest.approx(packed, abs=1e-9)
+    assert sum(packed) < 0.5 * sum(_padding(compose, shapes_root, False, 2))
+
+
+@pytest.mark.slow
+def test_packed_run_equals_unpacked_and_resumes_exactly(shapes_root, tmp_path):
+    """Through the CLI: packed and unpacked runs of the same samples log the same loss
+    at every step (to float rounding), and a packed run SIGKILLed after step 4 and
+    started again with the same command reproduces the uninterrupted one bit for bit."""
+    args = [*_cli_args(shapes_root, tmp_path, True), "stage.max_steps=6"]
+    vlmtrain([*args, "run_name=straight"], cwd=tmp_path)
+    unpacked = [*_cli_args(shapes_root, tmp_path, False), "stage.max_steps=6", "run_name=plain"]
+    vlmtrain(unpacked, cwd=tmp_path)
+    want = _logged(tmp_path / "straight", "train/loss")
+    assert len(want) == 6
+    assert want == pytest.approx(_logged(tmp_path / "plain", "train/loss"), rel=1e-5)
+
+    env = {"VLMTRAIN_KILL_AFTER_STEP": "4"}
+    killed = vlmtrain([*args, "run_name=killed"], cwd=tmp_path, env=env, check=False)
+    assert killed.returncode != 0, "the kill hook did not fire"
+    resumed = vlmtrain([*args, "run_name=killed"], cwd=tmp_path)
+    assert "resuming from" in resumed.stdout
+    for key in ("train/loss", "train/loss_vqa", "train/lr_lm", "perf/padding_fraction"):
+        assert _logged(tmp_path / "killed", key) == _logged(tmp_path / "straight", key), key
