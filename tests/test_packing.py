@@ -18,6 +18,7 @@ from vlmtrain.data.packing import (
     flatten_rows,
     pack_collate,
     padding_fraction,
+    split_rows,
 )
 from vlmtrain.data.samples import load_samples
 from vlmtrain.model.lm import load_tokenizer
@@ -41,6 +42,9 @@ def test_first_fit_decreasing():
     assert rows == [[4, 5], [0, 1], [2, 3]]
     with pytest.raises(ValueError, match="sample 1 has 9 tokens"):
         first_fit_decreasing([3, 9], 8)
+    # A row per micro-batch: the fullest rows give up their last samples.
+    assert split_rows([[0, 1, 2], [3]], 4) == [[0], [3], [2], [1]]
+    assert split_rows([[0, 1], [2]], 2) == [[0, 1], [2]]
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +104,16 @@ def test_packed_loss_and_gradients_equal_unpacked(world, reduction):
     assert int(packed["attention_mask"].sum()) == sum(lengths)
     assert packed["image_counts"].sum() == 4 and packed["pixel_values"].shape[0] == 4
 
+    # As many micro-batches as unpacked (DDP ranks run as many backward passes).
+    for size in (1, 2, 5):
+        split = pack_collate(encoded, pad, 1000, batch_size=size)
+        assert len(list(micro_batches(split, size))) == -(-len(encoded) // size)
+
     want_loss, want_grads, want_parts = _step(model, collate(encoded, pad), 2, exponent)
     assert want_grads["vision_tower.model.embeddings.patch_embedding.weight"].abs().sum() > 0
-    for rows, flatten in ((1, False), (2, False), (8, False), (2, True)):
-        loss, grads, parts = _step(model, packed, rows, exponent, flatten)
+    for rows, flatten in ((1, False), (2, False), (8, False), (2, True), (0, False)):
+        batch = packed if rows else pack_collate(encoded, pad, 1000, batch_size=2)
+        loss, grads, parts = _step(model, batch, rows or 2, exponent, flatten)
         assert torch.allclose(loss, want_loss, rtol=1e-5, atol=1e-6), (rows, flatten)
         assert grads.keys() == want_grads.keys()
         for name, g in want_grads.items():

@@ -97,7 +97,12 @@ class StageDataModule(L.LightningDataModule):
         if not self.stage.packing:
             return self.collate
         pad = self.encoder.tokenizer.pad_token_id
-        return partial(pack_collate, pad_token_id=pad, max_length=self.stage.max_length)
+        return partial(
+            pack_collate,
+            pad_token_id=pad,
+            max_length=self.stage.max_length,
+            batch_size=self.stage.batch_size,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

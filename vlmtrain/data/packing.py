@@ -55,13 +55,36 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return rows
 
 
-def pack_collate(batch: list[dict[str, Any]], pad_token_id: int, max_length: int) -> dict[str, Any]:
-    """The step's encoded samples packed into rows of at most ``max_length`` tokens.
+def micro_batch_count(num_samples: int, batch_size: int) -> int:
+    """Micro-batches of a step: those of the unpacked step (``accumulate``), packed or
+    not, so that every DDP rank runs as many backward passes (each one all-reduces)."""
+    return -(-num_samples // batch_size)
+
+
+def split_rows(rows: list[list[int]], count: int) -> list[list[int]]:
+    """At least ``count`` rows: the last sample of the fullest row (by samples) moves to
+    a row of its own until there are enough; every micro-batch then has a row."""
+    rows = [list(r) for r in rows]
+    while len(rows) < count:
+        fullest = max(range(len(rows)), key=lambda r: len(rows[r]))
+        if len(rows[fullest]) < 2:
+            raise ValueError(f"{sum(map(len, rows))} samples cannot fill {count} rows")
+        rows.append([rows[fullest].pop()])
+    return rows
+
+
+def pack_collate(
+    batch: list[dict[str, Any]], pad_token_id: int, max_length: int, batch_size: int | None = None
+) -> dict[str, Any]:
+    """The step's encoded samples packed into rows of at most ``max_length`` tokens, at
+    least one row per micro-batch of ``batch_size`` samples.
 
     Per-sample fields (ids, datasets, truncation flags, pixels) are in packed order:
     row by row, left to right; ``sample_index`` (-1 on padding) refers to that order.
     ``image_counts`` counts images per row, as micro-batches split rows."""
     rows = first_fit_decreasing([len(b["input_ids"]) for b in batch], max_length)
+    if batch_size:
+        rows = split_rows(rows, micro_batch_count(len(batch), batch_size))
     order = [i for row in rows for i in row]
     width = max(sum(len(batch[i]["input_ids"]) for i in row) for row in rows)
     shape = (len(rows), width)

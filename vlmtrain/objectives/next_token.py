@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from vlmtrain.config import StageConfig
 from vlmtrain.data.chat import IGNORE_INDEX
-from vlmtrain.data.packing import flatten_rows, padding_fraction
+from vlmtrain.data.packing import flatten_rows, micro_batch_count, padding_fraction
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.common import StageModule
 from vlmtrain.objectives.registry import Objective
@@ -116,17 +116,21 @@ def loss_normalizer(
 
 
 def micro_batches(batch: dict, size: int):
-    """Split a step batch into micro-batches of ``size`` rows (samples, or packed rows),
-    images following their rows.
+    """Split a step batch into micro-batches of ``size`` samples, images following them.
 
-    A packed batch's micro-batches are cut to their longest row (its rows are fullest
-    first), and its per-sample fields stay whole: ``sample_index`` refers to them."""
+    A packed step is split into as many micro-batches as the unpacked one (its rows,
+    fullest first, spread evenly), each cut to its longest row; its per-sample fields
+    stay whole, as ``sample_index`` refers to them."""
     n = batch["input_ids"].shape[0]
     packed = batch.get("sample_index") is not None
+    if packed:
+        count = min(n, micro_batch_count(len(batch["ids"]), size))
+        bounds = [(k * n // count, (k + 1) * n // count) for k in range(count)]
+    else:
+        bounds = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
     counts = batch["image_counts"]
     image_start = torch.cumsum(torch.cat([counts.new_zeros(1), counts]), 0)
-    for lo in range(0, n, size):
-        hi = min(n, lo + size)
+    for lo, hi in bounds:
         width = int(batch["attention_mask"][lo:hi].sum(1).max()) if packed else None
         pixels = batch["pixel_values"]
         if pixels is not None:
