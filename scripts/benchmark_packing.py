@@ -132,8 +132,11 @@ def main() -> int:
         f"max_length {cfg.stage.max_length}), {args.rounds} rounds, "
         f"{torch.get_num_threads()} thread, loss_reduction={cfg.stage.loss_reduction}"
     )
-    print("| layout | rows/step | padding | supervised tok/s | speed-up | max loss diff |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| layout | rows/step | padding | s/step (rounds' min-max) | supervised tok/s "
+        "| speed-up | max loss diff |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, batches in variants.items():
         t = statistics.median(times[name])
         diff = max(
@@ -142,6 +145,8 @@ def main() -> int:
         n_rows = statistics.mean(b["input_ids"].shape[0] for b in batches)
         print(
             f"| {name} | {n_rows:.1f} | {padding_fraction(cells[name], tokens):.3f} | "
+            f"{t / args.steps:.3f} ({min(times[name]) / args.steps:.3f}-"
+            f"{max(times[name]) / args.steps:.3f}) | "
             f"{supervised / t:.0f} | {base / t:.2f}x | {diff:.1e} |"
         )
     return 0
