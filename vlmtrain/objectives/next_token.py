@@ -233,8 +233,7 @@ class NextTokenModule(StageModule):
 
         loss = self.trainer.strategy.reduce(loss_sum, reduce_op="sum") / step_weight
         self.tokens_seen += int(all_tokens)
-        padding = padding_fraction(int(all_cells), int(all_tokens))
-        self._log_step(step, loss, batch, optimizer, int(all_tokens), by_dataset, padding)
+        self._log_step(step, loss, batch, optimizer, int(all_tokens), by_dataset, all_cells)
         return loss
 
     def _add_by_dataset(self, by_dataset: torch.Tensor, mb: dict, per_sample: torch.Tensor):
@@ -255,7 +254,7 @@ class NextTokenModule(StageModule):
         optimizer,
         tokens: int,
         by_dataset: torch.Tensor,
-        padding: float,
+        cells: torch.Tensor,
     ) -> None:
         """One logger row per logged step. ``self.log`` feeds only the progress bar and
         ``callback_metrics``: it would re-log a dataset absent from a step with the value
@@ -266,7 +265,10 @@ class NextTokenModule(StageModule):
         self.log("train/loss", loss, prog_bar=True, logger=False, on_step=True, batch_size=1)
         if (step + 1) % self.trainer.log_every_n_steps:  # the steps Lightning would log
             return
-        metrics = {"train/loss": loss.item(), "perf/padding_fraction": padding}
+        metrics = {
+            "train/loss": loss.item(),
+            "perf/padding_fraction": padding_fraction(int(cells), tokens),
+        }
         # The loss of each dataset's samples in this step, as ``train/loss`` weighs them.
         sums, weights = self.trainer.strategy.reduce(by_dataset, reduce_op="sum").tolist()
         for name, k in self.dataset_index.items():
