@@ -280,6 +280,12 @@ class StageConfig:
     # at the price of steps less mixed than the mixture.
     group_by_length: bool = False
     batch_size: int = 8  # per device, per micro-batch
+    # Pack each step's batch_size * accumulate samples end to end into rows of at most
+    # max_length tokens (first-fit decreasing), each sample attending only to itself
+    # (vlmtrain.data.packing), in `accumulate` micro-batches of at most batch_size rows.
+    # The step's samples, tokens and loss are the unpacked stage's: only padding goes.
+    # next_token stages only.
+    packing: bool = False
     accumulate: int = 1  # micro-batches per optimizer step
     # When set, ``accumulate`` is derived: global = batch_size * accumulate * devices * nodes.
     global_batch_size: int | None = None

@@ -198,7 +198,7 @@ def describe_init(cfg: DictConfig) -> dict[str, str]:
 
 def plan_stage(cfg: DictConfig) -> dict[str, Any]:
     check_strategy(cfg.trainer.strategy)
-    objective_for(cfg.stage.objective).check(cfg)
+    objective_for(cfg.stage.objective).check_stage(cfg)
     init = describe_init(cfg)
     tokenizer = _tokenizer_or_none(cfg)
     model = VisionLanguageModel.build(cfg.model, tokenizer, device="meta")

@@ -220,7 +220,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> Path:
     init = resolve_init(stage, cfg.model, run_dir)
     check_frozen_fresh(stage, init)
     objective = objective_for(stage.objective)
-    objective.check(cfg)  # before any data or model work
+    objective.check_stage(cfg)  # before any data or model work
     prepare_data(cfg)
     # A stage is "the same" when its config, the artifacts it starts from and its data are.
     sources = {k: read_manifest(v)["config_hash"] for k, v in init.items() if isinstance(v, Path)}

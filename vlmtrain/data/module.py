@@ -20,6 +20,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from vlmtrain.config import DataConfig, StageConfig, dataset_config
 from vlmtrain.data.encode import SampleEncoder, collate
 from vlmtrain.data.mixture import MixtureDataset
+from vlmtrain.data.packing import pack_collate
 from vlmtrain.data.sampler import EpochShuffleSampler
 from vlmtrain.data.samples import load_samples
 from vlmtrain.data.wait import DataWait, TimedLoader
@@ -108,7 +109,7 @@ class StageDataModule(L.LightningDataModule):
             batch_size=step_samples,
             sampler=sampler,
             drop_last=True,
-            collate_fn=self.collate,
+            collate_fn=self.train_collate(),
             num_workers=self.data.num_workers,
             # Its own generator: creating the iterator draws a seed, which from the global
             # one would shift every dropout mask after a resume (the iterator is created
@@ -117,6 +118,19 @@ class StageDataModule(L.LightningDataModule):
         )
         loader.wait = self.data_wait
         return loader
+
+    def train_collate(self):
+        """A step's samples right-padded, or packed into rows (stage.packing; validation
+        batches stay unpacked: their loss is the same either way)."""
+        if not self.stage.packing:
+            return self.collate
+        pad = self.encoder.tokenizer.pad_token_id
+        return partial(
+            pack_collate,
+            pad_token_id=pad,
+            max_length=self.stage.max_length,
+            batch_size=self.stage.batch_size,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

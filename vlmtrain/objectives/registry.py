@@ -42,6 +42,18 @@ class Objective:
     sequences_per_sample: int = 1
     # Extra per-device memory in bytes by name (e.g. a reference model), for plan=true.
     extra_memory: Callable[..., dict[str, float]] = _no_extra_memory
+    # Whether its data module and loss honour stage.packing (vlmtrain.data.packing).
+    packing: bool = False
+
+    def check_stage(self, cfg: Any) -> None:
+        """``check``, after refusing stage.packing where the objective cannot pack."""
+        if cfg.stage.get("packing") and not self.packing:
+            raise ValueError(
+                f"stage.packing=true is not supported by stage.objective="
+                f"{cfg.stage.objective!r} (stage {cfg.stage.name!r}); only next_token packs. "
+                "Set stage.packing=false."
+            )
+        self.check(cfg)
 
 
 def objective_for(name: str) -> Objective:
