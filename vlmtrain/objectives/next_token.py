@@ -19,7 +19,7 @@ from vlmtrain.config import StageConfig
 from vlmtrain.data.chat import IGNORE_INDEX
 from vlmtrain.data.packing import flatten_rows, micro_batch_count, padding_fraction
 from vlmtrain.engines import shards_weights
-from vlmtrain.flops import StepShape, flops_per_token
+from vlmtrain.flops import StepShape, flops_per_token, meta_copy
 from vlmtrain.model.feature_cache import FeatureCache, pixel_keys, weights_digest, why_not_cacheable
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.objectives.common import StageModule
@@ -206,7 +206,9 @@ class NextTokenModule(StageModule):
     def training_step(self, batch: dict, batch_idx: int):
         step = self.global_step  # one batch is one optimizer step: Lightning's logging step
         if self.flops_per_token is None:  # once per stage, on a typical sample of its data
-            self.flops_per_token = flops_per_token(self.model, StepShape.of_batch(batch))
+            # A sharded model cannot be copied: count on its unsharded skeleton.
+            model = self.sharded_skeleton["model"] if self.sharded_skeleton else self.model
+            self.flops_per_token = flops_per_token(meta_copy(model), StepShape.of_batch(batch))
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         world = self.trainer.world_size
