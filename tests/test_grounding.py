@@ -54,13 +54,15 @@ def test_box_text_round_trip_and_iou() -> None:
     assert iou(box, normalize_box(48, 64, 80, 96, 128, 128)) == pytest.approx(1 / 3)
     assert iou(box, normalize_box(96, 0, 120, 20, 128, 128)) == 0.0
     assert normalize_box(0, 0, 128, 128, 128, 128) == (0, 0, 999, 999)  # 0-999, never 1000
+    reversed_corners = parse_box("<box>(500,750),(250,500)</box>")  # a box, but empty
+    assert reversed_corners == (500, 750, 250, 500) and iou(reversed_corners, box) == 0.0
+    assert iou(box, (300, 500, 300, 750)) == 0.0  # zero width
     for bad in (
         "",
         "250,500,500,750",
         "<box>(250,500),(500)</box>",
         "<box>(250.5,500),(500,750)</box>",
         "<box>(250,500),(500,1000)</box>",  # out of range
-        "<box>(500,500),(250,750)</box>",  # x1 > x2
         "<box>(250,500),(500,750)</box> and more",
     ):
         assert parse_box(bad) is None, bad
@@ -146,6 +148,7 @@ def test_grounding_scored_by_iou_and_ocr_by_exact_match() -> None:
         (sample("grounding", ref), "<box>(400,500),(650,750)</box>", False),  # IoU 0.25
         (sample("grounding", ref), "blue square", False),  # not a box
         (sample("grounding", ref), "<box>(250,500),(500,750)", False),  # cut short
+        (sample("grounding", ref), "<box>(500,750),(250,500)</box>", False),  # corners swapped
         (sample("ocr", "cat"), "cat", True),
         (sample("ocr", "cat"), "cat.", False),
         (sample("referring", "blue square"), "blue square", True),
@@ -153,17 +156,17 @@ def test_grounding_scored_by_iou_and_ocr_by_exact_match() -> None:
     res = score([c[0] for c in cases], [c[1] for c in cases], {"grounding": 0.01, "ocr": 0.05})
     grounding = res["per_type"]["grounding"]
     assert grounding == {
-        "accuracy": 2 / 5,
-        "n": 5,
+        "accuracy": 2 / 6,
+        "n": 6,
         "chance": 0.01,
         "metric": "iou>=0.5",
         "unparseable": 2,
     }
     assert res["per_type"]["ocr"] == {"accuracy": 0.5, "n": 2, "chance": 0.05}
     assert res["per_type"]["referring"]["accuracy"] == 1.0
-    assert res["overall"] == {"accuracy": 4 / 8, "n": 8}
+    assert res["overall"] == {"accuracy": 4 / 9, "n": 9}
     table = format_table({"ground_test": res})
-    assert "| ground_test | grounding (iou>=0.5; 2 not a box) | 40.0% | 1.0% | 5 |" in table
+    assert "| ground_test | grounding (iou>=0.5; 2 not a box) | 33.3% | 1.0% | 6 |" in table
 
 
 # ---------------------------------------------------------------- through the CLI

@@ -39,20 +39,23 @@ def format_box(box: Box) -> str:
 
 def parse_box(text: str) -> Box | None:
     """The box in ``text`` when it is exactly one box in ``BOX_FORMAT`` (surrounding
-    whitespace aside) with coordinates in range and x1 <= x2, y1 <= y2; else None."""
+    whitespace aside) with coordinates in 0-999; else None. Corners in the wrong order
+    still parse: such a box is empty, and ``iou`` gives it 0."""
     m = _BOX_RE.fullmatch(text.strip())
     if m is None:
         return None
     x1, y1, x2, y2 = (int(g) for g in m.groups())
-    if max(x1, y1, x2, y2) >= BOX_SCALE or x1 > x2 or y1 > y2:
-        return None
-    return x1, y1, x2, y2
+    return None if max(x1, y1, x2, y2) >= BOX_SCALE else (x1, y1, x2, y2)
+
+
+def _area(b: Box) -> int:
+    return max(0, b[2] - b[0]) * max(0, b[3] - b[1])
 
 
 def iou(a: Box, b: Box) -> float:
     """Intersection over union of two boxes in the same (normalized) coordinates."""
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    inter = ix * iy if _area(a) and _area(b) else 0
+    union = _area(a) + _area(b) - inter
     return inter / union if union > 0 else 0.0
