@@ -73,7 +73,9 @@ def table(out: Path) -> str:
             cells, chances = [], []
             for prefix, qtype, _ in COLUMNS:
                 acc, chance, bad = cell(results, prefix + split, qtype)
-                cells.append(f"{100 * acc:.1f}%" + (f" ({bad} not a box)" if bad else ""))
+                cells.append(
+                    f"{100 * acc:.1f}%" + (f" ({bad} not a box)" if bad is not None else "")
+                )
                 chances.append("–" if chance is None else f"{100 * chance:.1f}%")
             lines.append(f"| {arm} | {split} | " + " | ".join(cells) + f" | {wall} |")
             chance_row[split] = chances
