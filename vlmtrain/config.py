@@ -103,6 +103,9 @@ class DataConfig:
     # When set, the data is generated into ``root`` if missing (``shapes`` only for now).
     generate: str | None = None
     seed: int = 0
+    # Generator options for `generate: shapes` (ShapesConfig fields: canvas, small, large,
+    # n_grounding_train, n_ocr_train, ...); empty: the default shapes world.
+    shapes: dict[str, Any] = field(default_factory=dict)
     # name -> DatasetConfig fields. Typed Any because OmegaConf cannot add a structured
     # value to a typed dict from the command line (`+data.datasets.mine.train=...`);
     # `dataset_config` checks each entry against DatasetConfig before any training.

@@ -73,9 +73,9 @@ console = Console()
 def prepare_data(cfg: DictConfig) -> None:
     """Generate the configured synthetic data if it is not there yet."""
     if cfg.data.generate == "shapes":
-        from vlmtrain.data.shapes import ShapesConfig, ensure_shapes
+        from vlmtrain.data.shapes import ensure_shapes, shapes_config
 
-        ensure_shapes(cfg.data.root, ShapesConfig(seed=cfg.data.seed))
+        ensure_shapes(cfg.data.root, shapes_config(cfg.data.seed, cfg.data.shapes))
     elif cfg.data.generate:
         raise ValueError(f"data.generate={cfg.data.generate!r}: only 'shapes' can be generated")
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from vlmtrain.data.shapes_tasks import task_chance, task_files
 from vlmtrain.data.shapes_world import (  # noqa: F401  (re-exported: the public API)
     ANSWERS,
     BACKGROUND,
@@ -27,6 +28,7 @@ from vlmtrain.data.shapes_world import (  # noqa: F401  (re-exported: the public
     COLOURS,
     DOMINANCE,
     MARGIN,
+    OPTIONAL_FIELDS,
     QUESTION_TYPES,
     REL_PHRASE,
     RELATIONS,
@@ -35,6 +37,7 @@ from vlmtrain.data.shapes_world import (  # noqa: F401  (re-exported: the public
     SIZES,
     SPLITS,
     VERSION,
+    WORDS,
     Obj,
     Pair,
     ShapesConfig,
@@ -48,6 +51,7 @@ from vlmtrain.data.shapes_world import (  # noqa: F401  (re-exported: the public
     png_bytes,
     relation,
     render_scene,
+    shapes_config,
 )
 
 
@@ -219,6 +223,7 @@ def _build_split(cfg: ShapesConfig, split: str) -> tuple[dict[str, list[dict]], 
         q, a = rng.choice(CAPTION_PROMPTS), caption_of(objs)
         caps.append(sample("cap", k, objs, [(q, a)], type="caption", question=q, answer=a))
     files[f"caption_{split}.json"] = caps
+    files.update(task_files(cfg, split, rng_for, sample, tpool, opool))  # grounding, OCR
     if unseen:
         return files, jobs
 
@@ -257,17 +262,22 @@ def _train_texts(files: dict[str, list[dict]]) -> list[str]:
 
 
 def _config_json(cfg: ShapesConfig) -> dict[str, Any]:
-    """The config as stored in meta.json (plain lists, so OmegaConf containers compare too)."""
-    return {**asdict(cfg), "holdout": [[str(c), str(s)] for c, s in cfg.holdout]}
+    """The config as stored in meta.json (plain lists, so OmegaConf containers compare too);
+    options that are off are left out, so a data set without them keeps its exact bytes."""
+    out = {**asdict(cfg), "holdout": [[str(c), str(s)] for c, s in cfg.holdout]}
+    return {k: v for k, v in out.items() if k not in OPTIONAL_FIELDS or v}
 
 
 def _write_all(tmp: Path, cfg: ShapesConfig) -> None:
     from vlmtrain.data.tokenizer import train_tokenizer  # keeps `import shapes` light
 
-    counts, jobs = {}, []
+    counts, jobs, task_chances = {}, [], {}
+    held = [tuple(h) for h in cfg.holdout]
     for split in SPLITS if cfg.holdout else SPLITS[:3]:  # no hold-out: no test_unseen
         (tmp / "images" / split).mkdir(parents=True)
         files, split_jobs = _build_split(cfg, split)
+        tpool = held if split == "test_unseen" else [p for p in _all_pairs() if p not in held]
+        task_chances[split] = task_chance(cfg, files, split, tpool)
         jobs += split_jobs
         for name, samples in files.items():
             lines = [json.dumps(s) for s in samples]  # one sample per line: C encoder, greppable
@@ -291,12 +301,15 @@ def _write_all(tmp: Path, cfg: ShapesConfig) -> None:
         "version": VERSION,
         "config": _config_json(cfg),
         "counts": counts,
-        "chance": {t: 1 / len(answers[t]) for t in QUESTION_TYPES},
+        "chance": {t: 1 / len(answers[t]) for t in QUESTION_TYPES} | task_chances["test"],
         "answers": answers,
     }
+    if cfg.n_ocr_train:
+        meta["words"] = list(WORDS)
     if cfg.holdout:  # test_unseen asks only about held-out pairs, so fewer answers are possible
-        held = [tuple(h) for h in cfg.holdout]
-        meta["chance_test_unseen"] = {t: 1 / len(_feasible(t, cfg, held)) for t in QUESTION_TYPES}
+        meta["chance_test_unseen"] = {
+            t: 1 / len(_feasible(t, cfg, held)) for t in QUESTION_TYPES
+        } | task_chances["test_unseen"]
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # last: marks completion
 
 
@@ -339,7 +352,7 @@ def _matches(out: Path, cfg: ShapesConfig) -> bool:
     if meta.get("version") == VERSION and meta.get("config") == want:
         return True
     have = meta.get("config", {})
-    diff = sorted(k for k in want if have.get(k) != want[k]) or ["version"]
+    diff = sorted(k for k in {*want, *have} if have.get(k) != want.get(k)) or ["version"]
     raise ValueError(
         f"{out} holds a shapes dataset generated with a different config (differs in: "
         f"{', '.join(diff)}); delete {out} to regenerate it, or use another data root"

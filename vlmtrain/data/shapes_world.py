@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import io
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -54,6 +54,35 @@ class ShapesConfig:
     n_chat_train: int = 2000  # multi-turn conversations in train (n_eval // 2 in val/test)
     n_text_train: int = 4000  # text-only lines in train (n_eval in val/test)
     holdout: tuple[tuple[str, str], ...] = (("red", "circle"), ("blue", "triangle"))
+    # Grounding and OCR (vlmtrain.data.shapes_tasks), off by default: samples per task type
+    # in train (n_eval per type in the other splits). Off, the data set is byte-identical to
+    # one generated before these options existed.
+    n_grounding_train: int = 0  # "where is the X?" -> box, and "what is at <box>?" -> X
+    n_ocr_train: int = 0  # "what word is written on the X?" (words on `large` shapes)
+
+
+# Options recorded in meta.json only when on, so data generated without them keeps its bytes.
+OPTIONAL_FIELDS: tuple[str, ...] = ("n_grounding_train", "n_ocr_train")
+# Short words for OCR, drawn on shapes with PIL's built-in bitmap font (6 x 11 px glyphs).
+WORDS: tuple[str, ...] = (
+    "cat", "dog", "sun", "map", "cup", "hat", "box", "pen", "key", "bus",
+    "egg", "fox", "jam", "kit", "log", "net", "owl", "pig", "rug", "van",
+)  # fmt: skip
+OCR_MIN_SIDE = 32  # px: a three-letter word fits inside every shape this large
+DARK_TEXT_ON = ("yellow", "orange")  # light fills get black text, the others white
+
+
+def shapes_config(seed: int, options: Mapping[str, Any] | None = None) -> ShapesConfig:
+    """The generator config a data config asks for (``data.seed``, ``data.shapes``)."""
+    options = dict(options or {})
+    names = {f.name for f in fields(ShapesConfig)} - {"seed"}
+    if unknown := sorted(set(options) - names):
+        raise ValueError(
+            f"data.shapes.{unknown[0]}: not a shapes generator option (known: {sorted(names)})"
+        )
+    if "holdout" in options:
+        options["holdout"] = tuple(tuple(p) for p in options["holdout"])
+    return ShapesConfig(seed=seed, **options)
 
 
 def answers_for(cfg: ShapesConfig) -> dict[str, list[str]]:
@@ -78,6 +107,7 @@ class Obj:
     x0: int
     y0: int
     side: int
+    word: str | None = None  # written on the shape (OCR scenes only)
 
     @property
     def pair(self) -> Pair:
@@ -90,7 +120,8 @@ class Obj:
     def to_json(self) -> dict[str, Any]:
         # bbox is [x0, y0, x1, y1] with x1/y1 exclusive.
         b = [self.x0, self.y0, self.x0 + self.side, self.y0 + self.side]
-        return {"colour": self.colour, "shape": self.shape, "size": self.size, "bbox": b}
+        out = {"colour": self.colour, "shape": self.shape, "size": self.size, "bbox": b}
+        return out if self.word is None else {**out, "word": self.word}
 
 
 def relation(a: Obj, b: Obj, min_sep: float) -> str | None:
@@ -115,7 +146,20 @@ def render_scene(objects: Sequence[Obj], canvas: int) -> Image.Image:
             draw.rectangle([o.x0, o.y0, x1, y1], fill=fill)
         else:  # upward isosceles triangle filling the box
             draw.polygon([((o.x0 + x1) / 2, o.y0), (o.x0, y1), (x1, y1)], fill=fill)
+        if o.word:
+            _draw_word(draw, o)
     return img
+
+
+def _draw_word(draw: ImageDraw.ImageDraw, o: Obj) -> None:
+    """The word centred on the shape (in a triangle's wide lower part), in a bitmap font
+    that ships inside PIL: identical pixels everywhere, no font file, no network."""
+    font = ImageFont.load_default_imagefont()
+    _, _, w, h = font.getbbox(o.word)
+    x = o.x0 + (o.side - w) // 2
+    y = o.y0 + o.side - h - 2 if o.shape == "triangle" else o.y0 + (o.side - h) // 2
+    ink = (0, 0, 0) if o.colour in DARK_TEXT_ON else (255, 255, 255)
+    draw.text((x, y), o.word, fill=ink, font=font)
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -148,6 +192,10 @@ def _validate(cfg: ShapesConfig) -> None:
         raise ValueError("need 2 <= max_objects < number of non-held-out colour-shape pairs")
     if min(cfg.small, cfg.large) < 3 or max(cfg.small, cfg.large) + 2 * MARGIN > cfg.canvas:
         raise ValueError("shape sizes must be >= 3 px and fit inside the canvas")
+    if min(cfg.n_grounding_train, cfg.n_ocr_train) < 0:
+        raise ValueError("n_grounding_train and n_ocr_train must be >= 0")
+    if cfg.n_ocr_train and cfg.large < OCR_MIN_SIDE:
+        raise ValueError(f"OCR words are drawn on large shapes: need large >= {OCR_MIN_SIDE} px")
 
 
 def _place(rng: random.Random, cfg: ShapesConfig, specs: list[tuple[str, str, str]]) -> list[Obj]:

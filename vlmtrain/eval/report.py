@@ -20,6 +20,8 @@ def format_table(results: dict[str, Any]) -> str:
         if "per_type" not in res:  # e.g. hallucination rates: their own table
             continue
         for qtype, row in res["per_type"].items():
+            if "unparseable" in row:  # box answers: scored by IoU, non-boxes counted
+                qtype = f"{qtype} ({row['metric']}; {row['unparseable']} not a box)"
             lines.append(
                 f"| {split} | {qtype} | {_pct(row['accuracy'])} | {_pct(row['chance'])} | {row['n']} |"
             )

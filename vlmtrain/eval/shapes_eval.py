@@ -1,4 +1,9 @@
-"""Exact-match evaluation of a trained model on the shapes VQA and caption splits.
+"""Evaluation of a trained model on the shapes VQA, caption, grounding and OCR splits.
+
+Answers are scored by exact match, except where the reference answer is a box
+(``vlmtrain.data.boxes.BOX_FORMAT``): there a prediction is right when it parses as a
+box whose IoU with the reference is at least ``IOU_THRESHOLD``; one that does not parse
+is wrong and counted (``unparseable``).
 
 Generation is greedy over left-padded batches (prompts from ``prompts.py``);
 prompts are sorted by length first so each batch carries as little padding as
@@ -15,6 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from vlmtrain.data.boxes import IOU_THRESHOLD, iou, parse_box
 from vlmtrain.data.images import ImageProcessor
 from vlmtrain.data.shapes import ANSWERS
 from vlmtrain.data.tiling import tiler_for
@@ -23,6 +29,9 @@ from vlmtrain.eval.prompts import EvalSample, build_prompt, read_eval_samples
 N_EXAMPLES = 5
 # Captions run to a few dozen tokens; VQA answers are a word or two.
 CAPTION_MAX_NEW_TOKENS = 32
+# Per sample file kind (`<kind>_<split>.json`) beside VQA: (results key prefix, new tokens);
+# a box answer runs to ~15 tokens of the shapes tokenizer.
+EXTRA_KINDS = {"caption": CAPTION_MAX_NEW_TOKENS, "ground": 28, "ocr": 8}
 
 
 def chance_levels(data_root: str | Path, split: str) -> dict[str, float | None]:
@@ -123,17 +132,31 @@ def predict(
 def score(
     samples: list[EvalSample], predictions: list[str], chance: dict[str, float | None]
 ) -> dict[str, Any]:
-    """Exact match (after stripping whitespace), overall and per question type."""
+    """Accuracy overall and per question type: exact match (after stripping whitespace), or
+    IoU >= IOU_THRESHOLD where the reference answer is a box (``unparseable``: predictions
+    that are not a box, all counted wrong)."""
     per: dict[str, list[int]] = {}
+    unparseable: dict[str, int] = {}
     for s, p in zip(samples, predictions, strict=True):
-        per.setdefault(s.type, []).append(int(p == s.answer.strip()))
+        ref = parse_box(s.answer)
+        if ref is None:
+            hit = p == s.answer.strip()
+        else:
+            guess = parse_box(p)
+            unparseable[s.type] = unparseable.get(s.type, 0) + (guess is None)
+            hit = guess is not None and iou(ref, guess) >= IOU_THRESHOLD
+        per.setdefault(s.type, []).append(int(hit))
     hits = [h for v in per.values() for h in v]
+
+    def row(t: str, v: list[int]) -> dict[str, Any]:
+        out = {"accuracy": sum(v) / len(v), "n": len(v), "chance": chance.get(t)}
+        if t in unparseable:
+            out |= {"metric": f"iou>={IOU_THRESHOLD}", "unparseable": unparseable[t]}
+        return out
+
     return {
         "overall": {"accuracy": sum(hits) / len(hits) if hits else 0.0, "n": len(hits)},
-        "per_type": {
-            t: {"accuracy": sum(v) / len(v), "n": len(v), "chance": chance.get(t)}
-            for t, v in sorted(per.items())
-        },
+        "per_type": {t: row(t, v) for t, v in sorted(per.items())},
         "examples": [
             {
                 "id": s.id,
@@ -204,18 +227,15 @@ def evaluate_artifact(
     caption_max_new_tokens: int = CAPTION_MAX_NEW_TOKENS,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """{split: VQA result, "caption_<split>": caption result (when that file exists)}."""
+    """{split: VQA result, "<kind>_<split>": caption, grounding (``ground``) and OCR results
+    (each where its file exists)}."""
     from vlmtrain.artifacts import load_image_processor, load_model
 
     data_root = Path(data_root)
     for split in splits:  # fail before loading the model
-        if (
-            not (data_root / f"vqa_{split}.json").is_file()
-            and not (data_root / f"caption_{split}.json").is_file()
-        ):
-            raise FileNotFoundError(
-                f"split {split!r}: neither vqa_{split}.json nor caption_{split}.json in {data_root}"
-            )
+        names = [f"{kind}_{split}.json" for kind in ("vqa", *EXTRA_KINDS)]
+        if not any((data_root / name).is_file() for name in names):
+            raise FileNotFoundError(f"split {split!r}: none of {names} in {data_root}")
     model, tokenizer, model_cfg = load_model(Path(artifact_dir), device=device)
     model.eval()
     processor = load_image_processor(artifact_dir, model_cfg, model.vision_spec)
@@ -231,9 +251,10 @@ def evaluate_artifact(
     with torch.no_grad():
         for split in splits:
             chance = chance_levels(data_root, split)
+            n_new_of = {**EXTRA_KINDS, "caption": caption_max_new_tokens}
             for kind, key, n_new in (
                 ("vqa", split, max_new_tokens),
-                ("caption", f"caption_{split}", caption_max_new_tokens),
+                *((kind, f"{kind}_{split}", n_new_of[kind]) for kind in EXTRA_KINDS),
             ):
                 path = data_root / f"{kind}_{split}.json"
                 if path.is_file():

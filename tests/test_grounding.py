@@ -1,0 +1,201 @@
+"""Grounding and OCR in the shapes world: box text format, generators, scoring, and a
+multitask stage trained and evaluated through the command line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.test_cli import base_args, vlmtrain
+from tests.test_shapes import tree_hash
+from vlmtrain.data.boxes import BOX_FORMAT, format_box, iou, normalize_box, parse_box
+from vlmtrain.data.shapes import ShapesConfig, generate_shapes, shapes_config
+from vlmtrain.data.shapes_world import WORDS
+from vlmtrain.eval.prompts import EvalSample
+from vlmtrain.eval.report import format_table
+from vlmtrain.eval.shapes_eval import score
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(n_train=6, n_eval=8, n_captions_train=6, n_chat_train=4, n_text_train=10)
+TASKS = ShapesConfig(canvas=128, small=10, large=32, n_grounding_train=12, n_ocr_train=10, **SMALL)
+# The small default-option data as generated before grounding/OCR existed (commit 970cfde):
+# sample files byte for byte, and the decoded pixels of every image.
+SMALL_DEFAULT = ShapesConfig(
+    n_train=24, n_eval=12, n_captions_train=20, n_chat_train=12, n_text_train=40
+)
+SMALL_DEFAULT_FILES = "1c01ce266015d65c33418092a2df7f30577d9861c8a8d7258bd1b0100108067b"
+SMALL_DEFAULT_PIXELS = "153752baa5487d0e39fa8e10ccf25eccdcd4681be8c9af76e0d9771267c0d92e"
+
+
+def load(root: Path, name: str) -> list[dict]:
+    return json.loads((root / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_shapes(tmp_path_factory.mktemp("tasks") / "shapes", TASKS)
+
+
+# ------------------------------------------------------------------------------ boxes
+def test_box_text_round_trip_and_iou() -> None:
+    assert BOX_FORMAT == "<box>({x1},{y1}),({x2},{y2})</box>"
+    box = normalize_box(32, 64, 64, 96, 128, 128)
+    assert box == (250, 500, 500, 750)
+    text = format_box(box)
+    assert text == "<box>(250,500),(500,750)</box>"
+    assert parse_box(text) == box and parse_box(f"  {text}\n") == box
+    assert parse_box("<box>( 250 , 500 ),( 500 , 750 )</box>") == box
+    assert iou(parse_box(text), box) == 1.0
+    # Shifted by half the side along x: overlap 1/2, IoU 0.5 / 1.5.
+    assert iou(box, normalize_box(48, 64, 80, 96, 128, 128)) == pytest.approx(1 / 3)
+    assert iou(box, normalize_box(96, 0, 120, 20, 128, 128)) == 0.0
+    assert normalize_box(0, 0, 128, 128, 128, 128) == (0, 0, 999, 999)  # 0-999, never 1000
+    reversed_corners = parse_box("<box>(500,750),(250,500)</box>")  # a box, but empty
+    assert reversed_corners == (500, 750, 250, 500) and iou(reversed_corners, box) == 0.0
+    assert iou(box, (300, 500, 300, 750)) == 0.0  # zero width
+    for bad in (
+        "",
+        "250,500,500,750",
+        "<box>(250,500),(500)</box>",
+        "<box>(250.5,500),(500,750)</box>",
+        "<box>(250,500),(500,1000)</box>",  # out of range
+        "<box>(250,500),(500,750)</box> and more",
+    ):
+        assert parse_box(bad) is None, bad
+
+
+# ------------------------------------------------------------------------- generators
+def test_default_data_unchanged_and_task_generators_deterministic(
+    tasks: Path, tmp_path: Path
+) -> None:
+    off = generate_shapes(tmp_path / "off", SMALL_DEFAULT)
+    files = hashlib.sha256()
+    for p in sorted(q for q in off.iterdir() if q.suffix in (".json", ".jsonl")):
+        files.update(p.name.encode() + b"\0" + p.read_bytes())
+    pixels = hashlib.sha256()
+    for p in sorted(off.glob("images/*/*.png")):
+        pixels.update(str(p.relative_to(off)).encode() + b"\0" + Image.open(p).tobytes())
+    assert (files.hexdigest(), pixels.hexdigest()) == (SMALL_DEFAULT_FILES, SMALL_DEFAULT_PIXELS)
+
+    assert tree_hash(generate_shapes(tmp_path / "again", TASKS)) == tree_hash(tasks)
+    other = generate_shapes(tmp_path / "seed1", ShapesConfig(**{**TASKS.__dict__, "seed": 1}))
+    assert (other / "ground_train.json").read_bytes() != (tasks / "ground_train.json").read_bytes()
+    # Turning the tasks on leaves every other sample file as it was.
+    plain = generate_shapes(
+        tmp_path / "plain", ShapesConfig(canvas=128, small=10, large=32, **SMALL)
+    )
+    for name in ("vqa_train.json", "caption_test_unseen.json", "chat_val.json", "text_train.jsonl"):
+        assert (plain / name).read_bytes() == (tasks / name).read_bytes(), name
+    assert "n_grounding_train" not in json.loads((plain / "meta.json").read_text())["config"]
+
+
+def test_grounding_and_ocr_samples_match_their_scenes(tasks: Path) -> None:
+    meta = json.loads((tasks / "meta.json").read_text())
+    held = [tuple(p) for p in TASKS.holdout]
+    for split in ("train", "test", "test_unseen"):
+        ground, ocr = load(tasks, f"ground_{split}.json"), load(tasks, f"ocr_{split}.json")
+        n = TASKS.n_grounding_train if split == "train" else TASKS.n_eval
+        assert sorted(s["type"] for s in ground) == ["grounding"] * n + ["referring"] * n
+        for s in ground:
+            about = tuple(s["about"][0])
+            assert (about in held) == (split == "test_unseen")
+            obj = next(o for o in s["objects"] if (o["colour"], o["shape"]) == about)
+            box = format_box(normalize_box(*obj["bbox"], TASKS.canvas, TASKS.canvas))
+            if s["type"] == "grounding":
+                assert s["answer"] == box and parse_box(s["answer"]) is not None
+            else:
+                assert s["question"] == f"What is at {box}?" and s["answer"] == " ".join(about)
+        for s in ocr:
+            words = [o["word"] for o in s["objects"]]
+            asked = next(o for o in s["objects"] if [o["colour"], o["shape"]] == s["about"][0])
+            assert len(set(words)) == len(words) and s["answer"] == asked["word"] in WORDS
+            assert all(o["size"] == "large" for o in s["objects"])
+    assert (
+        meta["chance"]["ocr"] == 1 / len(WORDS) and meta["chance_test_unseen"]["referring"] == 0.5
+    )
+    assert 0 < meta["chance"]["grounding"] < 0.05  # the right size at a random place
+    # The word is drawn: the asked shape's pixels hold the text's ink, not only its fill.
+    s = load(tasks, "ocr_test.json")[0]
+    x0, y0, x1, y1 = s["objects"][0]["bbox"]
+    crop = Image.open(tasks / s["image"]).convert("RGB").crop((x0, y0, x1, y1))
+    assert {(0, 0, 0), (255, 255, 255)} & {c for _, c in crop.getcolors(4096)}
+
+
+def test_generator_options_are_checked() -> None:
+    assert shapes_config(3, {"canvas": 128, "holdout": [["red", "circle"]]}) == ShapesConfig(
+        seed=3, canvas=128, holdout=(("red", "circle"),)
+    )
+    with pytest.raises(ValueError, match="data.shapes.n_grounding: not a shapes generator"):
+        shapes_config(0, {"n_grounding": 5})
+    with pytest.raises(ValueError, match="large >= 32"):
+        generate_shapes("/nonexistent/never", ShapesConfig(n_ocr_train=5))
+
+
+# ---------------------------------------------------------------------------- scoring
+def test_grounding_scored_by_iou_and_ocr_by_exact_match() -> None:
+    ref = "<box>(250,500),(500,750)</box>"
+
+    def sample(qtype: str, answer: str) -> EvalSample:
+        return EvalSample(f"s{qtype}", qtype, "q", answer, [], [])
+
+    cases = [
+        (sample("grounding", ref), ref, True),  # exact
+        (sample("grounding", ref), "<box>(310,500),(560,750)</box>", True),  # IoU 0.61
+        (sample("grounding", ref), "<box>(400,500),(650,750)</box>", False),  # IoU 0.25
+        (sample("grounding", ref), "blue square", False),  # not a box
+        (sample("grounding", ref), "<box>(250,500),(500,750)", False),  # cut short
+        (sample("grounding", ref), "<box>(500,750),(250,500)</box>", False),  # corners swapped
+        (sample("ocr", "cat"), "cat", True),
+        (sample("ocr", "cat"), "cat.", False),
+        (sample("referring", "blue square"), "blue square", True),
+    ]
+    res = score([c[0] for c in cases], [c[1] for c in cases], {"grounding": 0.01, "ocr": 0.05})
+    grounding = res["per_type"]["grounding"]
+    assert grounding == {
+        "accuracy": 2 / 6,
+        "n": 6,
+        "chance": 0.01,
+        "metric": "iou>=0.5",
+        "unparseable": 2,
+    }
+    assert res["per_type"]["ocr"] == {"accuracy": 0.5, "n": 2, "chance": 0.05}
+    assert res["per_type"]["referring"]["accuracy"] == 1.0
+    assert res["overall"] == {"accuracy": 4 / 9, "n": 9}
+    table = format_table({"ground_test": res})
+    assert "| ground_test | grounding (iou>=0.5; 2 not a box) | 33.3% | 1.0% | 6 |" in table
+
+
+# ---------------------------------------------------------------- through the CLI
+def test_multitask_stage_trains_and_evaluates_through_cli(tmp_path: Path) -> None:
+    """The user's path: `stage=multitask data=shapes_multitask`, the data generated from
+    `data.shapes` options, a 128 px tower set on the stage, eval with every task."""
+    root = tmp_path / "data"
+    counts = {**SMALL, "n_grounding_train": 8, "n_ocr_train": 8, "n_eval": 4}
+    args = base_args(root, tmp_path / "runs") + [
+        "stage=multitask",
+        "data=shapes_multitask",
+        "data.generate=shapes",  # base_args turns generation off
+        *[f"data.shapes.{k}={v}" for k, v in counts.items()],
+        "stage.max_steps=2",
+        "+stage.model.vision.image_size=128",
+        "+stage.model.projector.type=pixel_shuffle_mlp",
+        "run_name=mt",
+    ]
+    vlmtrain(args, cwd=REPO)
+    stage = tmp_path / "runs" / "mt" / "multitask"
+    manifest = json.loads((stage / "artifact" / "manifest.json").read_text())
+    assert manifest["config"]["model"]["vision"]["image_size"] == 128
+    mixture = manifest["config"]["stage"]["mixture"]
+    assert {"text", "ground", "ocr"} <= {k for k, w in mixture.items() if w > 0}
+    results = json.loads((stage / "eval" / "eval.json").read_text())
+    for split in ("test", "test_unseen"):
+        grounding = results[f"ground_{split}"]["per_type"]["grounding"]
+        assert grounding["metric"] == "iou>=0.5" and grounding["n"] == 4
+        assert 0 <= grounding["unparseable"] <= 4 and 0 < grounding["chance"] < 0.1
+        assert results[f"ocr_{split}"]["per_type"]["ocr"]["chance"] == 1 / len(WORDS)
+        assert results[split]["overall"]["n"] == 5 * 4  # VQA still evaluated
+    assert "ground_test_unseen | referring" in (stage / "eval" / "eval.md").read_text()
