@@ -29,6 +29,8 @@ COMBINATIONS = {
     "clip-linear-qwen2": ("model=tiny_clip_qwen2", "model/projector=linear"),
     "clip-mlp2x-qwen2": ("model=tiny_clip_qwen2",),
     "siglip-linear-llama": ("model=tiny", "model/projector=linear"),
+    # The tiny recipe's tower: a ViT on a BiT stem (transformers' DPT hybrid).
+    "vit_hybrid-mlp2x-llama": ("model=tiny", "model.vision.type=vit_hybrid"),
     # Tied input/output embeddings (Qwen2-0.5B ties them): written once, loaded twice.
     "clip-mlp2x-qwen2-tied": ("model=tiny_clip_qwen2", "model.lm.tie_word_embeddings=true"),
 }

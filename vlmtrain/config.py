@@ -21,7 +21,9 @@ COMPONENTS = ("vision", "projector", "lm")
 # ----------------------------------------------------------------------------- model
 @dataclass
 class VisionConfig:
-    type: str = "siglip"  # siglip | clip (transformers vision towers)
+    # siglip | clip (transformers vision towers) | vit_hybrid (from scratch: a ViT on a
+    # small BiT ResNet, transformers' DPT hybrid; stem_blocks = BiT blocks per stage)
+    type: str = "siglip"
     path: str | None = None  # local pretrained directory; dims below are ignored when set
     image_size: int = 64
     patch_size: int = 8

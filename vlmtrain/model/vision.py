@@ -1,4 +1,5 @@
-"""Vision towers: transformers SigLIP / CLIP vision models, from a config or a local directory.
+"""Vision towers: transformers SigLIP / CLIP vision models, from a config or a local directory,
+or (trained from scratch) a hybrid ViT whose patches come from a small ResNet (BiT).
 
 The tower is cut at the configured feature layer, so layers after it (and the
 pooling head / post-layernorm, which the token features never pass through)
@@ -14,9 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import (
+    BitConfig,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
+    DPTConfig,
+    DPTModel,
     PretrainedConfig,
     SiglipImageProcessorPil,
     SiglipVisionConfig,
@@ -29,6 +33,9 @@ from vlmtrain.config import VisionConfig
 _TOWERS = {
     "siglip": (SiglipVisionConfig, SiglipVisionModel, False),
     "clip": (CLIPVisionConfig, CLIPVisionModel, True),
+    # ViT-Hybrid (Dosovitskiy et al. 2021): a ViT on the feature map of a ResNet (BiT).
+    # transformers holds it as DPT's hybrid embedding and ViT encoder, so Llava can too.
+    "vit_hybrid": (DPTConfig, DPTModel, True),
 }
 # The attribute under which each config keeps how many layers the tower was cut to.
 CUT_ATTR = "vlmtrain_feature_layers"
@@ -88,12 +95,40 @@ def _config_from_dims(cfg: VisionConfig) -> PretrainedConfig:
     )
     if cfg.type == "siglip":
         kwargs["vision_use_head"] = False
+    if cfg.type == "vit_hybrid":
+        kwargs.update(_hybrid_backbone(cfg))
     return config_cls(**kwargs)
+
+
+def _hybrid_backbone(cfg: VisionConfig) -> dict:
+    """A three-stage BiT whose output stride is the patch size: its stem (7x7 stride-2
+    convolution, max-pool) and first stage work at 1/4 resolution, the second halves it,
+    the third is dilated instead of strided where the patch grid is already reached, so
+    a patch's features see its neighbours (what stem_blocks does for stem=conv)."""
+    h = cfg.hidden_size
+    blocks = max(1, cfg.stem_blocks)
+    backbone = BitConfig(
+        embedding_size=h // 2,
+        hidden_sizes=[h, 2 * h, 2 * h],
+        depths=[blocks] * 3,
+        layer_type="bottleneck",
+        num_groups=8,
+        output_stride=cfg.patch_size,
+        out_features=["stage1", "stage2", "stage3"],
+    )
+    grid = cfg.image_size // cfg.patch_size
+    return dict(
+        is_hybrid=True,
+        backbone_config=backbone,
+        backbone_featmap_shape=[1, 2 * h, grid, grid],
+    )
 
 
 def _cut(model: nn.Module, feature_layer: int) -> None:
     """Keep the layers up to ``feature_layer`` (Llava's hidden_states index) and drop the rest."""
-    layers = model.encoder.layers
+    encoder = model.encoder
+    attr = "layers" if hasattr(encoder, "layers") else "layer"  # ViT-style encoders: .layer
+    layers = getattr(encoder, attr)
     total = len(layers)
     # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
     keep = feature_layer if feature_layer >= 0 else total + 1 + feature_layer
@@ -101,11 +136,16 @@ def _cut(model: nn.Module, feature_layer: int) -> None:
         raise ValueError(
             f"model.vision.feature_layer={feature_layer} is out of range for a tower with {total} layers"
         )
-    model.encoder.layers = nn.ModuleList(list(layers)[:keep])
+    setattr(encoder, attr, nn.ModuleList(list(layers)[:keep]))
     model.config.num_hidden_layers = keep
     setattr(model.config, CUT_ATTR, keep)
     # Token features skip the post-layernorm (Llava reads hidden_states) and the pooling head.
-    model.post_layernorm = nn.Identity()
+    if hasattr(model, "post_layernorm"):
+        model.post_layernorm = nn.Identity()
+    else:  # ViT-style: the final norm is .layernorm
+        model.layernorm = nn.Identity()
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
     if getattr(model, "head", None) is not None:
         model.head = None
         model.use_head = False
@@ -126,7 +166,7 @@ def build_vision_tower(
     _check_stem(cfg)
     if config is not None:
         with torch.device(device or "cpu"):
-            model = model_cls(config)
+            model = _instantiate(model_cls, config)
         _cut(model, getattr(config, CUT_ATTR, config.num_hidden_layers))
         return VisionTower(model, has_cls)
     if cfg.path and str(device) != "meta":
@@ -139,13 +179,20 @@ def build_vision_tower(
             else _config_from_dims(cfg)
         )
         with torch.device(device or "cpu"):
-            model = model_cls(config)
+            model = _instantiate(model_cls, config)
             if cfg.stem == "conv":
                 model.embeddings.patch_embedding = ConvPatchEmbedding(
                     config.patch_size, config.hidden_size, cfg.stem_blocks
                 )
     _cut(model, cfg.feature_layer)
     return VisionTower(model, has_cls)
+
+
+def _instantiate(model_cls, config: PretrainedConfig) -> nn.Module:
+    # DPT's pooling head reads the class token, never the patch features: not built.
+    return (
+        model_cls(config, add_pooling_layer=False) if model_cls is DPTModel else model_cls(config)
+    )
 
 
 class ConvPatchEmbedding(nn.Module):
@@ -195,6 +242,9 @@ class ConvPatchEmbedding(nn.Module):
 
 
 def _check_stem(cfg: VisionConfig) -> None:
+    if cfg.type == "vit_hybrid":
+        _check_hybrid(cfg)
+        return
     if cfg.stem not in ("patch", "conv"):
         raise ValueError(f"model.vision.stem={cfg.stem!r}: expected 'patch' or 'conv'")
     if cfg.stem == "conv" and cfg.path:
@@ -216,18 +266,38 @@ def _check_stem(cfg: VisionConfig) -> None:
         )
 
 
+def _check_hybrid(cfg: VisionConfig) -> None:
+    if cfg.stem != "patch":
+        raise ValueError(
+            f"model.vision.stem={cfg.stem!r}: model.vision.type=vit_hybrid has its own "
+            "convolutional stem (a BiT ResNet); leave stem=patch"
+        )
+    if cfg.stem_blocks < 0:
+        raise ValueError(f"model.vision.stem_blocks={cfg.stem_blocks}: expected a count >= 0")
+    if cfg.patch_size not in (4, 8, 16):
+        raise ValueError(
+            "model.vision.type=vit_hybrid: the BiT stem reaches stride 4 and its stages at "
+            f"most 16, so model.vision.patch_size must be 4, 8 or 16, not {cfg.patch_size}"
+        )
+    if cfg.hidden_size % 32:
+        raise ValueError(
+            f"model.vision.hidden_size={cfg.hidden_size}: vit_hybrid's BiT uses 8 norm "
+            "groups on bottlenecks of hidden_size / 4 channels, so it must be a multiple of 32"
+        )
+
+
 def vision_config_class(cfg: VisionConfig) -> type[PretrainedConfig]:
     return _TOWERS[cfg.type][0]
 
 
 def image_processor_class(cfg: VisionConfig):
-    return SiglipImageProcessorPil if cfg.type == "siglip" else CLIPImageProcessorPil
+    return CLIPImageProcessorPil if cfg.type == "clip" else SiglipImageProcessorPil
 
 
 def build_image_processor(cfg: VisionConfig, spec: VisionSpec):
     """The transformers PIL image processor matching the tower (no torchvision needed)."""
     size = spec.image_size
-    if cfg.type == "siglip":
+    if cfg.type != "clip":  # SigLIP's: resize to the square, scale to [-1, 1]
         kwargs = dict(size={"height": size, "width": size})
         cls = SiglipImageProcessorPil
     else:
