@@ -195,7 +195,8 @@ def _check_one(where: str, comp: str, src: _Side, dst: _Side) -> None:
 
 def _architecture(comp: str, module, cfg: DictConfig) -> str:
     if comp == "vision":
-        return f"{module.config.model_type} (stem {cfg.vision.stem})"
+        stem = "BiT" if cfg.vision.type == "vit_hybrid" else cfg.vision.stem
+        return f"{module.config.model_type} (stem {stem})"
     if comp == "lm":
         return module.config.model_type
     return type(module).__name__

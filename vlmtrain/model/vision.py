@@ -104,7 +104,8 @@ def _hybrid_backbone(cfg: VisionConfig) -> dict:
     """A three-stage BiT whose output stride is the patch size: its stem (7x7 stride-2
     convolution, max-pool) and first stage work at 1/4 resolution, the second halves it,
     the third is dilated instead of strided where the patch grid is already reached, so
-    a patch's features see its neighbours (what stem_blocks does for stem=conv)."""
+    a patch's features see its neighbours (what stem_blocks does for stem=conv). Each
+    stage has ``stem_blocks`` bottleneck blocks, at least one."""
     h = cfg.hidden_size
     blocks = max(1, cfg.stem_blocks)
     backbone = BitConfig(
