@@ -51,3 +51,13 @@ def test_every_stem_weight_learns():
 def test_misconfigurations_name_the_key(fields, match):
     with pytest.raises(ValueError, match=match):
         build_vision_tower(VisionConfig(type="vit_hybrid", **fields))
+
+
+def test_aim_refuses_it(compose):
+    """AIM masks the tower's attention to a prefix; DPT's encoder takes no mask."""
+    from vlmtrain.plan import plan_recipe
+
+    with pytest.raises(ValueError, match=r"objective=aim.*vit_hybrid.*no attention mask"):
+        plan_recipe(
+            compose("recipe=tiny_aim", "model.vision.type=vit_hybrid", "model.vision.stem=patch")
+        )
