@@ -1,5 +1,6 @@
-"""The hybrid tower (a ViT on a BiT ResNet stem, transformers' DPT hybrid): a convolutional
-stem that Llava can hold, so its models export (tests/test_export.py checks the parity)."""
+"""The hybrid tower (a ViT on a BiT or plain ResNet stem, transformers' DPT hybrid): a
+convolutional stem that Llava can hold, so its models export (tests/test_export.py checks
+the parity)."""
 
 from __future__ import annotations
 
@@ -46,11 +47,41 @@ def test_every_stem_weight_learns():
         ({"patch_size": 32}, r"patch_size must be 4, 8 or 16, not 32"),
         ({"hidden_size": 48}, r"model\.vision\.hidden_size=48.*multiple of 32"),
         ({"stem_blocks": -1}, r"model\.vision\.stem_blocks=-1"),
+        ({"backbone": "convnext"}, r"model\.vision\.backbone='convnext': expected one of"),
+        ({"backbone": "resnet", "patch_size": 4}, r"backbone=resnet.*power of two >= 8, not 4"),
+        ({"backbone": "resnet", "hidden_size": 66}, r"hidden_size=66.*multiple of 4"),
+        ({"backbone": "resnet", "stem": "conv"}, r"stem='conv'.*backbone=resnet"),
     ],
 )
 def test_misconfigurations_name_the_key(fields, match):
     with pytest.raises(ValueError, match=match):
         build_vision_tower(VisionConfig(type="vit_hybrid", **fields))
+
+
+def test_backbone_belongs_to_the_hybrid_tower_only():
+    with pytest.raises(ValueError, match=r"model\.vision\.backbone='resnet'.*vit_hybrid"):
+        build_vision_tower(VisionConfig(type="siglip", backbone="resnet"))
+
+
+@pytest.mark.parametrize("patch_size, stages", [(8, 2), (16, 3)])
+def test_resnet_backbone_reaches_the_patch_grid(patch_size, stages):
+    """BatchNorm basic blocks: a stride-4 stem, then one stage per halving, the last
+    (hidden_size channels, at the patch grid) with stem_blocks blocks; DPT's three maps."""
+    torch.manual_seed(0)
+    cfg = VisionConfig(type="vit_hybrid", backbone="resnet", patch_size=patch_size, stem_blocks=2)
+    tower = build_vision_tower(cfg)
+    resnet = tower.model.embeddings.backbone
+    assert type(resnet).__name__ == "ResNetBackbone"
+    assert [len(s.layers) for s in resnet.encoder.stages] == [1] * (stages - 1) + [2]
+    assert resnet.channels[-1] == cfg.hidden_size and len(resnet.channels) == 3
+    pix = torch.randn(4, 3, 64, 64)
+    grid = 64 // patch_size
+    assert resnet(pix).feature_maps[-1].shape == (4, cfg.hidden_size, grid, grid)
+    out = tower(pix)
+    assert out.shape == (4, grid * grid, cfg.hidden_size) == (4, tower.spec().tokens_per_image, 64)
+    out.square().mean().backward()
+    for name, p in tower.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_aim_refuses_it(compose):

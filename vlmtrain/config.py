@@ -38,6 +38,10 @@ class VisionConfig:
     # stem=conv: residual 3x3 convolutions on the patch grid after the stride-2 stack;
     # each lets a patch see one more patch on every side (a whole large object).
     stem_blocks: int = 0
+    # type=vit_hybrid: the ResNet its patches come from, built by transformers'
+    # load_backbone: "bit" (the default: weight-standardized convolutions, GroupNorm,
+    # bottlenecks) or "resnet" (BatchNorm, basic 3x3 blocks, like stem=conv).
+    backbone: str | None = None
     # Which hidden state feeds the projector: -1 last layer, -2 penultimate (LLaVA).
     # Layers after it are dropped from the tower, so nothing is computed or held unused.
     feature_layer: int = -1

@@ -12,9 +12,9 @@ one. What needs care:
 - The tower was cut at its feature layer; exported, it keeps those layers and Llava
   reads ``hidden_states[-1]`` (the last kept layer, before the post-layernorm, as
   vlmtrain does). The unused post-layernorm is written as an identity LayerNorm.
-- The hybrid ViT (BiT stem) is transformers' DPTModel, which Llava builds with
-  AutoModel like any tower; its unused final LayerNorm and pooler are written as an
-  identity and zeros.
+- The hybrid ViT (a BiT or ResNet stem, built by transformers' load_backbone) is
+  transformers' DPTModel, which Llava builds with AutoModel like any tower; its unused
+  final LayerNorm and pooler are written as an identity and zeros.
 - CLIP and the hybrid ViT have a class token that vlmtrain drops: ``vision_feature_select_strategy``
   ``default`` (drop the first token) with one additional token in the processor's
   count; SigLIP has none: ``full``.
@@ -57,7 +57,8 @@ def check_exportable(model_cfg) -> None:
             "tower's patch embedding, and transformers' SigLIP/CLIP vision models, which Llava "
             "uses as its tower, have only a single strided patch convolution; no standard "
             "transformers class holds this tower. To export, train with model.vision.stem=patch, "
-            "or model.vision.type=vit_hybrid for a convolutional (BiT) stem Llava can hold."
+            "or model.vision.type=vit_hybrid (model.vision.backbone=resnet or bit) for a "
+            "convolutional stem Llava can hold."
         )
     if vision.type not in EXPORTABLE_TOWERS:
         raise NotExportable(

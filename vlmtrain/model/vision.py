@@ -22,6 +22,7 @@ from transformers import (
     DPTConfig,
     DPTModel,
     PretrainedConfig,
+    ResNetConfig,
     SiglipImageProcessorPil,
     SiglipVisionConfig,
     SiglipVisionModel,
@@ -101,6 +102,18 @@ def _config_from_dims(cfg: VisionConfig) -> PretrainedConfig:
 
 
 def _hybrid_backbone(cfg: VisionConfig) -> dict:
+    """DPT hybrid's embedding: the backbone's last feature map, whose stride must be the
+    patch size, projected to the ViT's width (DPT requires three feature maps)."""
+    backbone, channels = _BACKBONES[cfg.backbone or "bit"](cfg)
+    grid = cfg.image_size // cfg.patch_size
+    return dict(
+        is_hybrid=True,
+        backbone_config=backbone,
+        backbone_featmap_shape=[1, channels, grid, grid],
+    )
+
+
+def _bit_backbone(cfg: VisionConfig) -> tuple[PretrainedConfig, int]:
     """A three-stage BiT whose output stride is the patch size: its stem (7x7 stride-2
     convolution, max-pool) and first stage work at 1/4 resolution, the second halves it,
     the third is dilated instead of strided where the patch grid is already reached, so
@@ -117,12 +130,32 @@ def _hybrid_backbone(cfg: VisionConfig) -> dict:
         output_stride=cfg.patch_size,
         out_features=["stage1", "stage2", "stage3"],
     )
-    grid = cfg.image_size // cfg.patch_size
-    return dict(
-        is_hybrid=True,
-        backbone_config=backbone,
-        backbone_featmap_shape=[1, 2 * h, grid, grid],
+    return backbone, 2 * h
+
+
+def _resnet_backbone(cfg: VisionConfig) -> tuple[PretrainedConfig, int]:
+    """A small BatchNorm ResNet of basic blocks (two 3x3 convolutions), as close to
+    stem=conv as transformers' ResNet allows: its stem (7x7 stride-2 convolution,
+    max-pool) reaches 1/4 resolution with hidden_size / 4 channels, one block at 1/4
+    with hidden_size / 2, then each stage halves the resolution and doubles the
+    channels up to hidden_size at the patch grid, where it has ``stem_blocks`` blocks
+    (at least one), each widening a patch's view by two patches per side. BatchNorm
+    keeps each image's colour, which GroupNorm over a small map normalizes away."""
+    h = cfg.hidden_size
+    stages = cfg.patch_size.bit_length() - 2  # one at 1/4, then one per halving
+    backbone = ResNetConfig(
+        embedding_size=h // 4,
+        hidden_sizes=[h >> (stages - i) for i in range(1, stages + 1)],
+        depths=[1] * (stages - 1) + [max(1, cfg.stem_blocks)],
+        layer_type="basic",
+        # DPT takes three maps; the last is the patch grid (the others feed DPT's
+        # depth head, not the features).
+        out_features=(["stem"] + [f"stage{i}" for i in range(1, stages + 1)])[-3:],
     )
+    return backbone, h
+
+
+_BACKBONES = {"bit": _bit_backbone, "resnet": _resnet_backbone}
 
 
 def _cut(model: nn.Module, feature_layer: int) -> None:
@@ -246,6 +279,11 @@ def _check_stem(cfg: VisionConfig) -> None:
     if cfg.type == "vit_hybrid":
         _check_hybrid(cfg)
         return
+    if cfg.backbone is not None:
+        raise ValueError(
+            f"model.vision.backbone={cfg.backbone!r} chooses the ResNet of "
+            f"model.vision.type=vit_hybrid, not of type={cfg.type!r}; leave it null"
+        )
     if cfg.stem not in ("patch", "conv"):
         raise ValueError(f"model.vision.stem={cfg.stem!r}: expected 'patch' or 'conv'")
     if cfg.stem == "conv" and cfg.path:
@@ -268,22 +306,41 @@ def _check_stem(cfg: VisionConfig) -> None:
 
 
 def _check_hybrid(cfg: VisionConfig) -> None:
+    kind = cfg.backbone or "bit"
+    if kind not in _BACKBONES:
+        raise ValueError(
+            f"model.vision.backbone={cfg.backbone!r}: expected one of {sorted(_BACKBONES)}"
+        )
     if cfg.stem != "patch":
         raise ValueError(
             f"model.vision.stem={cfg.stem!r}: model.vision.type=vit_hybrid has its own "
-            "convolutional stem (a BiT ResNet); leave stem=patch"
+            f"convolutional stem (model.vision.backbone={kind}); leave stem=patch"
         )
     if cfg.stem_blocks < 0:
         raise ValueError(f"model.vision.stem_blocks={cfg.stem_blocks}: expected a count >= 0")
-    if cfg.patch_size not in (4, 8, 16):
+    p = cfg.patch_size
+    if kind == "bit" and p not in (4, 8, 16):
         raise ValueError(
             "model.vision.type=vit_hybrid: the BiT stem reaches stride 4 and its stages at "
-            f"most 16, so model.vision.patch_size must be 4, 8 or 16, not {cfg.patch_size}"
+            f"most 16, so model.vision.patch_size must be 4, 8 or 16, not {p}"
         )
-    if cfg.hidden_size % 32:
+    if kind == "resnet" and (p < 8 or p & (p - 1)):
+        raise ValueError(
+            "model.vision.backbone=resnet: its stem reaches stride 4, each stage after the "
+            "first halves it and DPT takes three feature maps, so model.vision.patch_size "
+            f"must be a power of two >= 8, not {p}"
+        )
+    if kind == "bit" and cfg.hidden_size % 32:
         raise ValueError(
             f"model.vision.hidden_size={cfg.hidden_size}: vit_hybrid's BiT uses 8 norm "
             "groups on bottlenecks of hidden_size / 4 channels, so it must be a multiple of 32"
+        )
+    divisor = max(4, p // 4)
+    if kind == "resnet" and cfg.hidden_size % divisor:
+        raise ValueError(
+            f"model.vision.hidden_size={cfg.hidden_size}: the resnet backbone halves the "
+            "channels per stage down to its stem's hidden_size / 4, so it must be a "
+            f"multiple of {divisor}"
         )
 
 
