@@ -29,7 +29,7 @@ COMBINATIONS = {
     "clip-linear-qwen2": ("model=tiny_clip_qwen2", "model/projector=linear"),
     "clip-mlp2x-qwen2": ("model=tiny_clip_qwen2",),
     "siglip-linear-llama": ("model=tiny", "model/projector=linear"),
-    # The tiny recipe's tower: a ViT on a BiT stem (transformers' DPT hybrid).
+    # A ViT on a BiT stem (transformers' DPT hybrid).
     "vit_hybrid-mlp2x-llama": ("model=tiny", "model.vision.type=vit_hybrid"),
     # The same on a BatchNorm ResNet of basic blocks (its running statistics travel too).
     "vit_hybrid_resnet-mlp2x-llama": (
