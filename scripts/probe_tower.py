@@ -4,9 +4,11 @@ features (full attention), a linear layer predicts the number of objects (classe
 which shapes and which colours are present (one binary label each).
 
     python scripts/probe_tower.py runs/x/aim/artifact [--fresh] [--data-root ...]
+    python scripts/probe_tower.py --tower type=vit_hybrid --tower backbone=resnet ...
 
 ``--fresh`` probes the same architecture at its random initialization (the artifact's
-seed), which is where a stage without pretraining starts. Train: caption_train images;
+seed), which is where a stage without pretraining starts; ``--tower KEY=VALUE`` (no
+artifact) probes a random tower built from those model.vision settings, seed 0. Train: caption_train images;
 test: caption_test images. The majority-label accuracy is printed beside each figure.
 """
 
@@ -21,10 +23,24 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlmtrain.artifacts import load_image_processor, load_model, read_manifest
+from vlmtrain.config import VisionConfig
 from vlmtrain.data.images import to_rgb
+from vlmtrain.model.vision import build_image_processor, build_vision_tower
 from vlmtrain.model.vlm import VisionLanguageModel
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def fresh_tower(settings: list[str]):
+    """A random tower from ``KEY=VALUE`` model.vision settings (ints parsed), seed 0."""
+    fields = {}
+    for item in settings:
+        key, _, value = item.partition("=")
+        fields[key] = int(value) if value.lstrip("-").isdigit() else value
+    cfg = VisionConfig(**fields)
+    torch.manual_seed(0)
+    tower = build_vision_tower(cfg).eval()
+    return tower, build_image_processor(cfg, tower.spec())
 
 
 def tower_of(artifact: Path, fresh: bool):
@@ -65,8 +81,17 @@ def fit(x: torch.Tensor, y: torch.Tensor, outputs: int, multilabel: bool, steps:
     return probe
 
 
-def probe(artifact: Path, data_root: Path, fresh: bool = False, limit: int = 2000) -> dict:
-    tower, processor = tower_of(artifact, fresh)
+def probe(
+    artifact: Path | None,
+    data_root: Path,
+    fresh: bool = False,
+    limit: int = 2000,
+    tower_settings: list[str] | None = None,
+) -> dict:
+    if artifact is None:
+        tower, processor = fresh_tower(tower_settings or [])
+    else:
+        tower, processor = tower_of(artifact, fresh)
     tower.eval()
     train = json.loads((data_root / "caption_train.json").read_text())[:limit]
     test = json.loads((data_root / "caption_test.json").read_text())
@@ -94,12 +119,16 @@ def probe(artifact: Path, data_root: Path, fresh: bool = False, limit: int = 200
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifact", type=Path)
+    parser.add_argument("artifact", type=Path, nargs="?")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--tower", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--data-root", type=Path, default=REPO / "data/generated/shapes")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    for name, (acc, base) in probe(args.artifact, args.data_root, args.fresh).items():
+    if (args.artifact is None) == (not args.tower):
+        parser.error("give an artifact or --tower settings, not both")
+    results = probe(args.artifact, args.data_root, args.fresh, tower_settings=args.tower)
+    for name, (acc, base) in results.items():
         print(f"{name}: {acc:.3f} (majority {base:.3f})")
 
 

@@ -29,6 +29,15 @@ COMBINATIONS = {
     "clip-linear-qwen2": ("model=tiny_clip_qwen2", "model/projector=linear"),
     "clip-mlp2x-qwen2": ("model=tiny_clip_qwen2",),
     "siglip-linear-llama": ("model=tiny", "model/projector=linear"),
+    # A ViT on a BiT stem (transformers' DPT hybrid).
+    "vit_hybrid-mlp2x-llama": ("model=tiny", "model.vision.type=vit_hybrid"),
+    # The same on a BatchNorm ResNet of basic blocks (its running statistics travel too).
+    "vit_hybrid_resnet-mlp2x-llama": (
+        "model=tiny",
+        "model.vision.type=vit_hybrid",
+        "model.vision.backbone=resnet",
+        "model.vision.stem_blocks=2",
+    ),
     # Tied input/output embeddings (Qwen2-0.5B ties them): written once, loaded twice.
     "clip-mlp2x-qwen2-tied": ("model=tiny_clip_qwen2", "model.lm.tie_word_embeddings=true"),
 }

@@ -198,7 +198,10 @@ def _check_one(where: str, comp: str, src: _Side, dst: _Side) -> None:
 
 def _architecture(comp: str, module, cfg: DictConfig) -> str:
     if comp == "vision":
-        return f"{module.config.model_type} (stem {cfg.vision.stem})"
+        stem = cfg.vision.stem
+        if cfg.vision.type == "vit_hybrid":
+            stem = {"bit": "BiT", "resnet": "ResNet"}[cfg.vision.get("backbone") or "bit"]
+        return f"{module.config.model_type} (stem {stem})"
     if comp == "lm":
         return module.config.model_type
     return type(module).__name__

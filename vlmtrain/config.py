@@ -21,7 +21,9 @@ COMPONENTS = ("vision", "projector", "lm")
 # ----------------------------------------------------------------------------- model
 @dataclass
 class VisionConfig:
-    type: str = "siglip"  # siglip | clip (transformers vision towers)
+    # siglip | clip (transformers vision towers) | vit_hybrid (from scratch: a ViT on a
+    # small BiT ResNet, transformers' DPT hybrid; stem_blocks = BiT blocks per stage)
+    type: str = "siglip"
     path: str | None = None  # local pretrained directory; dims below are ignored when set
     image_size: int = 64
     patch_size: int = 8
@@ -36,6 +38,10 @@ class VisionConfig:
     # stem=conv: residual 3x3 convolutions on the patch grid after the stride-2 stack;
     # each lets a patch see one more patch on every side (a whole large object).
     stem_blocks: int = 0
+    # type=vit_hybrid: the ResNet its patches come from, built by transformers'
+    # load_backbone: "bit" (the default: weight-standardized convolutions, GroupNorm,
+    # bottlenecks) or "resnet" (BatchNorm, basic 3x3 blocks, like stem=conv).
+    backbone: str | None = None
     # Which hidden state feeds the projector: -1 last layer, -2 penultimate (LLaVA).
     # Layers after it are dropped from the tower, so nothing is computed or held unused.
     feature_layer: int = -1

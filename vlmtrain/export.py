@@ -12,7 +12,10 @@ one. What needs care:
 - The tower was cut at its feature layer; exported, it keeps those layers and Llava
   reads ``hidden_states[-1]`` (the last kept layer, before the post-layernorm, as
   vlmtrain does). The unused post-layernorm is written as an identity LayerNorm.
-- CLIP has a class token that vlmtrain drops: ``vision_feature_select_strategy``
+- The hybrid ViT (a BiT or ResNet stem, built by transformers' load_backbone) is
+  transformers' DPTModel, which Llava builds with AutoModel like any tower; its unused
+  final LayerNorm and pooler are written as an identity and zeros.
+- CLIP and the hybrid ViT have a class token that vlmtrain drops: ``vision_feature_select_strategy``
   ``default`` (drop the first token) with one additional token in the processor's
   count; SigLIP has none: ``full``.
 - A linear projector is Llava's two-layer projector with an identity activation
@@ -37,7 +40,7 @@ import torch
 from torch import nn
 
 EXPORTABLE_PROJECTORS = ("linear", "mlp2x_gelu")
-EXPORTABLE_TOWERS = ("siglip", "clip")
+EXPORTABLE_TOWERS = ("siglip", "clip", "vit_hybrid")
 
 
 class NotExportable(ValueError):
@@ -53,7 +56,9 @@ def check_exportable(model_cfg) -> None:
             "convolutional stem (ConvPatchEmbedding in vlmtrain/model/vision.py) replaces the "
             "tower's patch embedding, and transformers' SigLIP/CLIP vision models, which Llava "
             "uses as its tower, have only a single strided patch convolution; no standard "
-            "transformers class holds this tower. Train with model.vision.stem=patch to export."
+            "transformers class holds this tower. To export, train with model.vision.stem=patch, "
+            "or model.vision.type=vit_hybrid (model.vision.backbone=resnet or bit) for a "
+            "convolutional stem Llava can hold."
         )
     if vision.type not in EXPORTABLE_TOWERS:
         raise NotExportable(
@@ -147,11 +152,13 @@ def _copy_weights(model, llava, linear: bool) -> None:
     """Strict, name-for-name loads: a tensor missing on either side fails here."""
     tower = llava.model.vision_tower
     state = dict(model.vision_tower.model.state_dict())
-    # vlmtrain drops the post-layernorm (never on the feature path); Llava keeps an unused one.
-    post = getattr(tower, "vision_model", tower).post_layernorm
-    prefix = "vision_model." if hasattr(tower, "vision_model") else ""
-    state[f"{prefix}post_layernorm.weight"] = torch.ones_like(post.weight)
-    state[f"{prefix}post_layernorm.bias"] = torch.zeros_like(post.bias)
+    # vlmtrain drops the final norm and any pooler (never on the feature path); Llava keeps
+    # unused ones: an identity norm, a zero pooler.
+    for name, value in tower.state_dict().items():
+        top = name.removeprefix("vision_model.")
+        if name not in state and top.startswith(("post_layernorm.", "layernorm.", "pooler.")):
+            norm_scale = "layernorm." in top and top.endswith(".weight")
+            state[name] = torch.ones_like(value) if norm_scale else torch.zeros_like(value)
     tower.load_state_dict(state, strict=True)
 
     projector = dict(model.multi_modal_projector.state_dict())

@@ -1,4 +1,5 @@
-"""Vision towers: transformers SigLIP / CLIP vision models, from a config or a local directory.
+"""Vision towers: transformers SigLIP / CLIP vision models, from a config or a local directory,
+or (trained from scratch) a hybrid ViT whose patches come from a small ResNet (BiT).
 
 The tower is cut at the configured feature layer, so layers after it (and the
 pooling head / post-layernorm, which the token features never pass through)
@@ -14,10 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import (
+    BitConfig,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
+    DPTConfig,
+    DPTModel,
     PretrainedConfig,
+    ResNetConfig,
     SiglipImageProcessorPil,
     SiglipVisionConfig,
     SiglipVisionModel,
@@ -29,6 +34,9 @@ from vlmtrain.config import VisionConfig
 _TOWERS = {
     "siglip": (SiglipVisionConfig, SiglipVisionModel, False),
     "clip": (CLIPVisionConfig, CLIPVisionModel, True),
+    # ViT-Hybrid (Dosovitskiy et al. 2021): a ViT on the feature map of a ResNet (BiT).
+    # transformers holds it as DPT's hybrid embedding and ViT encoder, so Llava can too.
+    "vit_hybrid": (DPTConfig, DPTModel, True),
 }
 # The attribute under which each config keeps how many layers the tower was cut to.
 CUT_ATTR = "vlmtrain_feature_layers"
@@ -88,12 +96,73 @@ def _config_from_dims(cfg: VisionConfig) -> PretrainedConfig:
     )
     if cfg.type == "siglip":
         kwargs["vision_use_head"] = False
+    if cfg.type == "vit_hybrid":
+        kwargs.update(_hybrid_backbone(cfg))
     return config_cls(**kwargs)
+
+
+def _hybrid_backbone(cfg: VisionConfig) -> dict:
+    """DPT hybrid's embedding: the backbone's last feature map, whose stride must be the
+    patch size, projected to the ViT's width (DPT requires three feature maps)."""
+    backbone, channels = _BACKBONES[cfg.backbone or "bit"](cfg)
+    grid = cfg.image_size // cfg.patch_size
+    return dict(
+        is_hybrid=True,
+        backbone_config=backbone,
+        backbone_featmap_shape=[1, channels, grid, grid],
+    )
+
+
+def _bit_backbone(cfg: VisionConfig) -> tuple[PretrainedConfig, int]:
+    """A three-stage BiT whose output stride is the patch size: its stem (7x7 stride-2
+    convolution, max-pool) and first stage work at 1/4 resolution, the second halves it,
+    the third is dilated instead of strided where the patch grid is already reached, so
+    a patch's features see its neighbours (what stem_blocks does for stem=conv). Each
+    stage has ``stem_blocks`` bottleneck blocks, at least one."""
+    h = cfg.hidden_size
+    blocks = max(1, cfg.stem_blocks)
+    backbone = BitConfig(
+        embedding_size=h // 2,
+        hidden_sizes=[h, 2 * h, 2 * h],
+        depths=[blocks] * 3,
+        layer_type="bottleneck",
+        num_groups=8,
+        output_stride=cfg.patch_size,
+        out_features=["stage1", "stage2", "stage3"],
+    )
+    return backbone, 2 * h
+
+
+def _resnet_backbone(cfg: VisionConfig) -> tuple[PretrainedConfig, int]:
+    """A small BatchNorm ResNet of basic blocks (two 3x3 convolutions), as close to
+    stem=conv as transformers' ResNet allows: its stem (7x7 stride-2 convolution,
+    max-pool) reaches 1/4 resolution with hidden_size / 4 channels, one block at 1/4
+    with hidden_size / 2, then each stage halves the resolution and doubles the
+    channels up to hidden_size at the patch grid, where it has ``stem_blocks`` blocks
+    (at least one), each widening a patch's view by two patches per side. BatchNorm
+    keeps each image's colour, which GroupNorm over a small map normalizes away."""
+    h = cfg.hidden_size
+    stages = cfg.patch_size.bit_length() - 2  # one at 1/4, then one per halving
+    backbone = ResNetConfig(
+        embedding_size=h // 4,
+        hidden_sizes=[h >> (stages - i) for i in range(1, stages + 1)],
+        depths=[1] * (stages - 1) + [max(1, cfg.stem_blocks)],
+        layer_type="basic",
+        # DPT takes three maps; the last is the patch grid (the others feed DPT's
+        # depth head, not the features).
+        out_features=(["stem"] + [f"stage{i}" for i in range(1, stages + 1)])[-3:],
+    )
+    return backbone, h
+
+
+_BACKBONES = {"bit": _bit_backbone, "resnet": _resnet_backbone}
 
 
 def _cut(model: nn.Module, feature_layer: int) -> None:
     """Keep the layers up to ``feature_layer`` (Llava's hidden_states index) and drop the rest."""
-    layers = model.encoder.layers
+    encoder = model.encoder
+    attr = "layers" if hasattr(encoder, "layers") else "layer"  # ViT-style encoders: .layer
+    layers = getattr(encoder, attr)
     total = len(layers)
     # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
     keep = feature_layer if feature_layer >= 0 else total + 1 + feature_layer
@@ -101,11 +170,16 @@ def _cut(model: nn.Module, feature_layer: int) -> None:
         raise ValueError(
             f"model.vision.feature_layer={feature_layer} is out of range for a tower with {total} layers"
         )
-    model.encoder.layers = nn.ModuleList(list(layers)[:keep])
+    setattr(encoder, attr, nn.ModuleList(list(layers)[:keep]))
     model.config.num_hidden_layers = keep
     setattr(model.config, CUT_ATTR, keep)
     # Token features skip the post-layernorm (Llava reads hidden_states) and the pooling head.
-    model.post_layernorm = nn.Identity()
+    if hasattr(model, "post_layernorm"):
+        model.post_layernorm = nn.Identity()
+    else:  # ViT-style: the final norm is .layernorm
+        model.layernorm = nn.Identity()
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
     if getattr(model, "head", None) is not None:
         model.head = None
         model.use_head = False
@@ -126,7 +200,7 @@ def build_vision_tower(
     _check_stem(cfg)
     if config is not None:
         with torch.device(device or "cpu"):
-            model = model_cls(config)
+            model = _instantiate(model_cls, config)
         _cut(model, getattr(config, CUT_ATTR, config.num_hidden_layers))
         return VisionTower(model, has_cls)
     if cfg.path and str(device) != "meta":
@@ -139,13 +213,20 @@ def build_vision_tower(
             else _config_from_dims(cfg)
         )
         with torch.device(device or "cpu"):
-            model = model_cls(config)
+            model = _instantiate(model_cls, config)
             if cfg.stem == "conv":
                 model.embeddings.patch_embedding = ConvPatchEmbedding(
                     config.patch_size, config.hidden_size, cfg.stem_blocks
                 )
     _cut(model, cfg.feature_layer)
     return VisionTower(model, has_cls)
+
+
+def _instantiate(model_cls, config: PretrainedConfig) -> nn.Module:
+    # DPT's pooling head reads the class token, never the patch features: not built.
+    return (
+        model_cls(config, add_pooling_layer=False) if model_cls is DPTModel else model_cls(config)
+    )
 
 
 class ConvPatchEmbedding(nn.Module):
@@ -195,6 +276,14 @@ class ConvPatchEmbedding(nn.Module):
 
 
 def _check_stem(cfg: VisionConfig) -> None:
+    if cfg.type == "vit_hybrid":
+        _check_hybrid(cfg)
+        return
+    if cfg.backbone is not None:
+        raise ValueError(
+            f"model.vision.backbone={cfg.backbone!r} chooses the ResNet of "
+            f"model.vision.type=vit_hybrid, not of type={cfg.type!r}; leave it null"
+        )
     if cfg.stem not in ("patch", "conv"):
         raise ValueError(f"model.vision.stem={cfg.stem!r}: expected 'patch' or 'conv'")
     if cfg.stem == "conv" and cfg.path:
@@ -216,18 +305,57 @@ def _check_stem(cfg: VisionConfig) -> None:
         )
 
 
+def _check_hybrid(cfg: VisionConfig) -> None:
+    kind = cfg.backbone or "bit"
+    if kind not in _BACKBONES:
+        raise ValueError(
+            f"model.vision.backbone={cfg.backbone!r}: expected one of {sorted(_BACKBONES)}"
+        )
+    if cfg.stem != "patch":
+        raise ValueError(
+            f"model.vision.stem={cfg.stem!r}: model.vision.type=vit_hybrid has its own "
+            f"convolutional stem (model.vision.backbone={kind}); leave stem=patch"
+        )
+    if cfg.stem_blocks < 0:
+        raise ValueError(f"model.vision.stem_blocks={cfg.stem_blocks}: expected a count >= 0")
+    p = cfg.patch_size
+    if kind == "bit" and p not in (4, 8, 16):
+        raise ValueError(
+            "model.vision.type=vit_hybrid: the BiT stem reaches stride 4 and its stages at "
+            f"most 16, so model.vision.patch_size must be 4, 8 or 16, not {p}"
+        )
+    if kind == "resnet" and (p < 8 or p & (p - 1)):
+        raise ValueError(
+            "model.vision.backbone=resnet: its stem reaches stride 4, each stage after the "
+            "first halves it and DPT takes three feature maps, so model.vision.patch_size "
+            f"must be a power of two >= 8, not {p}"
+        )
+    if kind == "bit" and cfg.hidden_size % 32:
+        raise ValueError(
+            f"model.vision.hidden_size={cfg.hidden_size}: vit_hybrid's BiT uses 8 norm "
+            "groups on bottlenecks of hidden_size / 4 channels, so it must be a multiple of 32"
+        )
+    divisor = max(4, p // 4)
+    if kind == "resnet" and cfg.hidden_size % divisor:
+        raise ValueError(
+            f"model.vision.hidden_size={cfg.hidden_size}: the resnet backbone halves the "
+            "channels per stage down to its stem's hidden_size / 4, so it must be a "
+            f"multiple of {divisor}"
+        )
+
+
 def vision_config_class(cfg: VisionConfig) -> type[PretrainedConfig]:
     return _TOWERS[cfg.type][0]
 
 
 def image_processor_class(cfg: VisionConfig):
-    return SiglipImageProcessorPil if cfg.type == "siglip" else CLIPImageProcessorPil
+    return CLIPImageProcessorPil if cfg.type == "clip" else SiglipImageProcessorPil
 
 
 def build_image_processor(cfg: VisionConfig, spec: VisionSpec):
     """The transformers PIL image processor matching the tower (no torchvision needed)."""
     size = spec.image_size
-    if cfg.type == "siglip":
+    if cfg.type != "clip":  # SigLIP's: resize to the square, scale to [-1, 1]
         kwargs = dict(size={"height": size, "width": size})
         cls = SiglipImageProcessorPil
     else:

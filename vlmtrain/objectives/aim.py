@@ -237,6 +237,12 @@ def _check(cfg) -> None:
             f"{where}: objective=aim reads neither the LM nor the projector (they would get "
             "no gradient); set stage.trainable.lm=false and stage.trainable.projector=false"
         )
+    if cfg.model.vision.type == "vit_hybrid":
+        raise ValueError(
+            f"{where}: objective=aim masks the tower's attention to a prefix, and "
+            "model.vision.type=vit_hybrid (transformers' DPT encoder) takes no attention "
+            "mask; use a siglip or clip tower"
+        )
     if stage.lora.enabled:
         raise ValueError(
             f"{where}: objective=aim trains no LM, so stage.lora.enabled must be false"

@@ -1,0 +1,94 @@
+"""The hybrid tower (a ViT on a BiT or plain ResNet stem, transformers' DPT hybrid): a
+convolutional stem that Llava can hold, so its models export (tests/test_export.py checks
+the parity)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DPTModel
+
+from vlmtrain.config import VisionConfig
+from vlmtrain.model.vision import build_vision_tower
+
+HYBRID = dict(type="vit_hybrid", stem_blocks=2, num_hidden_layers=3)
+
+
+def test_features_are_the_uncut_dpt_models_hidden_states_without_class_token():
+    """Llava reads hidden_states[k][:, 1:] of a plain DPTModel: the tower gives exactly that."""
+    torch.manual_seed(0)
+    tower = build_vision_tower(VisionConfig(feature_layer=-2, **HYBRID)).eval()
+    assert len(tower.model.encoder.layer) == 2 and tower.model.pooler is None
+    ref = DPTModel(build_vision_tower(VisionConfig(**HYBRID)).config).eval()
+    result = ref.load_state_dict(tower.model.state_dict(), strict=False)
+    # Only what the cut dropped: the third layer, the final norm, the pooling head.
+    assert {k.split(".")[0] for k in result.missing_keys} <= {"encoder", "layernorm", "pooler"}
+    pix = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = ref(pix, output_hidden_states=True).hidden_states[2][:, 1:]
+        got = tower(pix)
+    assert got.shape == (2, 64, 64)  # the BiT's output stride is the patch size: 8x8 tokens
+    assert torch.equal(got, expected)
+
+
+def test_every_stem_weight_learns():
+    tower = build_vision_tower(VisionConfig(**HYBRID))
+    backbone = tower.model.embeddings.backbone
+    assert [len(s.layers) for s in backbone.bit.encoder.stages] == [2, 2, 2]
+    tower(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    for name, p in tower.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"stem": "conv"}, r"model\.vision\.stem='conv'.*vit_hybrid has its own"),
+        ({"patch_size": 32}, r"patch_size must be 4, 8 or 16, not 32"),
+        ({"hidden_size": 48}, r"model\.vision\.hidden_size=48.*multiple of 32"),
+        ({"stem_blocks": -1}, r"model\.vision\.stem_blocks=-1"),
+        ({"backbone": "convnext"}, r"model\.vision\.backbone='convnext': expected one of"),
+        ({"backbone": "resnet", "patch_size": 4}, r"backbone=resnet.*power of two >= 8, not 4"),
+        ({"backbone": "resnet", "hidden_size": 66}, r"hidden_size=66.*multiple of 4"),
+        ({"backbone": "resnet", "stem": "conv"}, r"stem='conv'.*backbone=resnet"),
+    ],
+)
+def test_misconfigurations_name_the_key(fields, match):
+    with pytest.raises(ValueError, match=match):
+        build_vision_tower(VisionConfig(type="vit_hybrid", **fields))
+
+
+def test_backbone_belongs_to_the_hybrid_tower_only():
+    with pytest.raises(ValueError, match=r"model\.vision\.backbone='resnet'.*vit_hybrid"):
+        build_vision_tower(VisionConfig(type="siglip", backbone="resnet"))
+
+
+@pytest.mark.parametrize("patch_size, stages", [(8, 2), (16, 3)])
+def test_resnet_backbone_reaches_the_patch_grid(patch_size, stages):
+    """BatchNorm basic blocks: a stride-4 stem, then one stage per halving, the last
+    (hidden_size channels, at the patch grid) with stem_blocks blocks; DPT's three maps."""
+    torch.manual_seed(0)
+    cfg = VisionConfig(type="vit_hybrid", backbone="resnet", patch_size=patch_size, stem_blocks=2)
+    tower = build_vision_tower(cfg)
+    resnet = tower.model.embeddings.backbone
+    assert type(resnet).__name__ == "ResNetBackbone"
+    assert [len(s.layers) for s in resnet.encoder.stages] == [1] * (stages - 1) + [2]
+    assert resnet.channels[-1] == cfg.hidden_size and len(resnet.channels) == 3
+    pix = torch.randn(4, 3, 64, 64)
+    grid = 64 // patch_size
+    assert resnet(pix).feature_maps[-1].shape == (4, cfg.hidden_size, grid, grid)
+    out = tower(pix)
+    assert out.shape == (4, grid * grid, cfg.hidden_size) == (4, tower.spec().tokens_per_image, 64)
+    out.square().mean().backward()
+    for name, p in tower.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_aim_refuses_it(compose):
+    """AIM masks the tower's attention to a prefix; DPT's encoder takes no mask."""
+    from vlmtrain.plan import plan_recipe
+
+    with pytest.raises(ValueError, match=r"objective=aim.*vit_hybrid.*no attention mask"):
+        plan_recipe(
+            compose("recipe=tiny_aim", "model.vision.type=vit_hybrid", "model.vision.stem=patch")
+        )
