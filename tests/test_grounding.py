@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_cli import base_args, vlmtrain
+from test_shapes import tree_hash
 
-from tests.test_cli import base_args, vlmtrain
-from tests.test_shapes import tree_hash
 from vlmtrain.data.boxes import BOX_FORMAT, format_box, iou, normalize_box, parse_box
 from vlmtrain.data.shapes import ShapesConfig, generate_shapes, shapes_config
 from vlmtrain.data.shapes_world import WORDS

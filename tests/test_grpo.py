@@ -20,9 +20,9 @@ from vlmtrain.objectives.rollout import completion_token_logps, repeat_features,
 
 @pytest.fixture(scope="module")
 def policy(shapes_root, tmp_path_factory):
+    from conftest import REPO
     from hydra import compose, initialize_config_dir
 
-    from tests.conftest import REPO
     from vlmtrain.config import register_configs
 
     register_configs()

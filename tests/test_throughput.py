@@ -7,8 +7,8 @@ import csv
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_cli import base_args, losses, vlmtrain
 
-from tests.test_cli import base_args, losses, vlmtrain
 from vlmtrain.config import ModelConfig
 from vlmtrain.flops import StepShape, step_flops, throughput_metrics
 from vlmtrain.model.vlm import VisionLanguageModel
@@ -117,7 +117,8 @@ def test_stage_logs_throughput_mfu_and_data_wait(shapes_root, tmp_path):
 
 
 def test_feature_cache_equals_recomputation_and_is_refused_where_it_would_not(compose):
-    from tests.helpers import trained_model
+    from helpers import trained_model
+
     from vlmtrain.model.feature_cache import FeatureCache, pixel_keys, why_not_cacheable
 
     cfg = compose("stage=align")
