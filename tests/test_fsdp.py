@@ -62,6 +62,8 @@ def artifact_difference(a: Path, b: Path) -> float:
     return worst
 
 
+# slow: two gloo processes (about 22 s); the default suite keeps the sharding-unit test
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one(shapes_root, tmp_path):
     """`trainer=fsdp trainer.accelerator=cpu trainer.devices=2` trains the same steps as
     one plain process: losses within float tolerance, a consolidated artifact with every

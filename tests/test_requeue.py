@@ -55,6 +55,8 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
     )
 
 
+# slow: two CLI runs (about 23 s); the default suite keeps the requeue unit tests
+@pytest.mark.slow
 def test_requeue_signal_saves_at_the_next_step_and_the_same_command_resumes_exactly(
     shapes_root, tmp_path
 ):
