@@ -1,19 +1,19 @@
 """Multitask stage at 128 px vs 64 px on the shapes world with grounding and OCR.
 
-    python scripts/demo_multitask.py [--steps 800] [--data-root data/generated/shapes_multitask]
+    python scripts/demo_multitask.py [--steps 1500] [--data-root data/generated/shapes_multitask]
 
-Both arms run `recipes/tiny_multitask.yaml` through the `vlmtrain` command line, one
-thread each, one after the other: text-only LM pretraining, then one multitask stage
-(everything trains) on the same mixture of text, VQA, captions, grounding and OCR, for the
-same number of steps and samples, from the same 128 px images. The only difference is the
-multitask stage's tower, set per stage in `ARMS` below:
+`recipes/tiny_multitask.yaml` through the `vlmtrain` command line, one thread per run. Its
+first three stages (text-only LM pretraining, alignment, SFT: the tiny recipe's, at 64 px on
+the 128 px world resized) run once, as the run `base`. Each arm then runs the multitask
+stage alone (everything trains) from base's SFT artifact, on the same mixture of text, VQA,
+captions, grounding and OCR, for the same number of steps and samples, from the same
+128 px images, both arms side by side. The only difference is the stage's tower, set per
+stage in `ARMS` below:
 
-  64px    the tiny tower at 64 px (patch 8: 64 image tokens), the images resized to 64 px
-  128px   the tiny tower at 128 px (patch 8: 256 patches) with a 2x2 pixel-shuffle projector,
-          so the LM gets the same 64 image tokens per image as at 64 px
+  64px    the tiny tower as SFT left it: 64 px (patch 8: 64 image tokens), images resized
+  128px   the same tower at 128 px: its position table interpolated once to 16 x 16
+          (vlmtrain.model.resolution), 256 image tokens through the same projector
 
-The tower is fresh in the multitask stage, so its resolution is simply the stage's own
-(`stages.multitask.model.vision.image_size`); no position embedding is interpolated.
 Reported per arm from each run's eval (greedy decoding): grounding accuracy (IoU >= 0.5,
 predictions that are not a box counted wrong), "what is at <box>" and OCR exact match,
 VQA overall, on test and test_unseen, next to chance, with the stage's wall time.
@@ -32,13 +32,10 @@ from side_by_side import launch, wait
 REPO = Path(__file__).resolve().parents[1]
 # Everything one arm changes, in one place: overrides of the multitask stage's model.
 ARMS: dict[str, list[str]] = {
-    "64px": ["+stages.multitask.model.vision.image_size=64"],
-    "128px": [
-        "+stages.multitask.model.vision.image_size=128",
-        "+stages.multitask.model.projector.type=pixel_shuffle_mlp",
-        "+stages.multitask.model.projector.downsample=2",
-    ],
+    "64px": [],
+    "128px": ["+stages.multitask.model.vision.image_size=128"],
 }
+BASE_STAGES = ("lm_pretrain", "align", "sft")
 SPLITS = ("test", "test_unseen")
 # (results key prefix, question type, column) for the table; "" prefix: the VQA file.
 COLUMNS = (
@@ -86,7 +83,7 @@ def table(out: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=800, help="multitask steps of each arm")
+    parser.add_argument("--steps", type=int, default=1500, help="multitask steps of each arm")
     parser.add_argument("--lm-steps", type=int, default=300, help="text-only LM pretraining")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="initialization and data order")
@@ -103,16 +100,22 @@ def main() -> int:
         "trainer.progress_bar=false",
         "trainer.num_threads=1",
         f"seed={args.seed}",
-        f"stages.lm_pretrain.max_steps={args.lm_steps}",
+    ]
+    start = time.perf_counter()
+    base = [f"stages.lm_pretrain.max_steps={args.lm_steps}", "~stages.multitask"]
+    wait({"base": launch("base", base, common, out)}, out)
+    print(f"base done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    sft = out / "base" / "sft" / "artifact"
+    arm_common = [
+        *(f"~stages.{name}" for name in BASE_STAGES),
+        *(f"stages.multitask.init.{part}={sft}" for part in ("vision", "projector", "lm")),
         f"stages.multitask.max_steps={args.steps}",
         f"stages.multitask.batch_size={args.batch_size}",
     ]
     if args.eval_limit is not None:
-        common.append(f"stages.multitask.eval_limit={args.eval_limit}")
-    start = time.perf_counter()
-    for arm, overrides in ARMS.items():  # sequential: each run has the CPU it measures on
-        wait({arm: launch(arm, overrides, common, out)}, out)
-        print(f"{arm} done ({time.perf_counter() - start:.0f} s so far)", file=sys.stderr)
+        arm_common.append(f"stages.multitask.eval_limit={args.eval_limit}")
+    procs = {arm: launch(arm, arm_common + extra, common, out) for arm, extra in ARMS.items()}
+    wait(procs, out)
     report = table(out)
     (out / "table.md").write_text(report)
     print(report)

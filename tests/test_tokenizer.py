@@ -103,3 +103,16 @@ def test_assistant_mask(tok: PreTrainedTokenizerFast) -> None:
     enc = tok.apply_chat_template(multi, tokenize=True, return_dict=True)
     rendered = tok.apply_chat_template(multi, tokenize=False)
     assert list(enc["input_ids"]) == tok.encode(rendered, add_special_tokens=False)
+
+
+def test_numbers_read_digit_by_digit(tmp_path: Path) -> None:
+    """A box's coordinates become one token per digit even when whole numbers are frequent
+    in the corpus (each would otherwise be merged into a token of its own), the space
+    before a single digit stays part of its token (" 2", as before), and text round-trips."""
+    boxes = ["<box>(320,140),(570,390)</box>", "answer: 2", "<box>(320,320),(999,100)</box>"] * 200
+    tok = train_tokenizer(CORPUS + boxes, tmp_path, vocab_size=400)
+    text = "<box>(320,140),(570,390)</box> answer: 2"
+    pieces = [tok.decode([i]) for i in tok(text)["input_ids"]]
+    assert pieces[pieces.index(">(") + 1 : pieces.index(">(") + 5] == ["3", "2", "0", ","]
+    assert " 2" in pieces and not any(len(p.strip()) > 1 and p.strip().isdigit() for p in pieces)
+    assert tok.decode(tok(text)["input_ids"]) == text

@@ -37,7 +37,7 @@ CAPTION_PROMPTS: tuple[str, ...] = (
     "Describe the shapes in the image.",
 )
 REL_PHRASE = {r: f"to the {r} of" if r in ("left", "right") else r for r in RELATIONS}
-VERSION = 1
+VERSION = 2  # 2: the tokenizer splits digits (boxes' coordinates read digit by digit)
 Pair = tuple[str, str]
 
 

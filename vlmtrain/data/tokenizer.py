@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from vlmtrain.data.templates import CHATML
@@ -34,7 +34,16 @@ def train_tokenizer(
 
     tok = Tokenizer(models.BPE())
     # No prefix space: prompts start mid-template, right after "<|im_start|>user\n".
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # One token per digit (with its leading space, as GPT-2's " 3"), as Qwen2's and LLaMA's
+    # tokenizers split numbers: a box corner "(320,140)" reads 3-2-0, so nearby coordinates
+    # share their leading digits instead of being unrelated whole-number tokens that each
+    # need examples of their own. Text without multi-digit numbers tokenizes as before.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r" ?\p{N}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     # trim_offsets=False keeps char offsets exact, which the assistant mask relies on.
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
