@@ -1,9 +1,14 @@
-"""Packed vs unpacked SFT steps on the tiny recipe's SFT mixture, side by side in one run.
+"""Packed vs unpacked steps of one stage's mixture, side by side in one run.
 
     PYTHONPATH=. .venv/bin/python scripts/benchmark_packing.py [--steps 20] [--rounds 3]
-        [--capacities 128 256 512] [overrides...]
+        [--capacities 128 256 512] [--recipe tiny --stage sft] [overrides...]
 
-The tiny recipe's ``sft`` stage (VQA 0.6 / captions 0.2 / chats 0.2, 32 samples a
+The multitask mixture (text-only lines, VQA, captions, boxes, OCR) at 128 px:
+
+    ... scripts/benchmark_packing.py --recipe tiny_multitask --stage multitask
+        --capacities 320 640 1280 +stages.multitask.model.vision.image_size=128
+
+By default, the tiny recipe's ``sft`` stage (VQA 0.6 / captions 0.2 / chats 0.2, 32 samples a
 step, square loss averaging, every component training, the conv stem) from fresh
 weights, one thread. The first ``--steps`` step batches of its sampler are encoded
 once (at the stage's max_length, 128); each variant then lays out the very same
@@ -52,12 +57,12 @@ from vlmtrain.train import build_model, make_encoder, prepare_data, resolve_init
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def tiny_sft(overrides: list[str]):
-    """The root config of the tiny recipe's sft stage, every component starting fresh."""
+def stage_from_fresh(recipe: str, stage: str, overrides: list[str]):
+    """The root config of one stage of a recipe, every component starting fresh."""
     register_configs()
     with initialize_config_dir(str(CONF), version_base=None):
-        cfg = compose("config", ["recipe=tiny", *overrides])
-    cfg = stage_config(cfg, "sft", cfg.stages.sft)
+        cfg = compose("config", [f"recipe={recipe}", *overrides])
+    cfg = stage_config(cfg, stage, cfg.stages[stage])
     with open_dict(cfg):
         for component in ("vision", "projector", "lm"):
             cfg.stage.init[component] = "fresh"
@@ -83,11 +88,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="step batches per variant")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--capacities", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--recipe", default="tiny")
+    parser.add_argument("--stage", default="sft", help="a next-token stage of the recipe")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    cfg = tiny_sft(args.overrides)
+    cfg = stage_from_fresh(args.recipe, args.stage, args.overrides)
     prepare_data(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer, model = build_model(cfg, resolve_init(cfg.stage, cfg.model, Path(tmp)))

@@ -1,6 +1,6 @@
 """Multitask stage at 128 px vs 64 px on the shapes world with grounding and OCR.
 
-    python scripts/demo_multitask.py [--steps 1500] [--data-root data/generated/shapes_multitask]
+    python scripts/demo_multitask.py [--steps 3000] [--data-root data/generated/shapes_multitask]
 
 `recipes/tiny_multitask.yaml` through the `vlmtrain` command line, one thread per run. Its
 first three stages (text-only LM pretraining, alignment, SFT: the tiny recipe's, at 64 px on
@@ -83,7 +83,7 @@ def table(out: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500, help="multitask steps of each arm")
+    parser.add_argument("--steps", type=int, default=3000, help="multitask steps of each arm")
     parser.add_argument("--lm-steps", type=int, default=300, help="text-only LM pretraining")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="initialization and data order")

@@ -202,3 +202,19 @@ def test_multitask_stage_trains_and_evaluates_through_cli(tmp_path: Path) -> Non
         assert results[f"ocr_{split}"]["per_type"]["ocr"]["chance"] == 1 / len(WORDS)
         assert results[split]["overall"]["n"] == 5 * 4  # VQA still evaluated
     assert "ground_test_unseen | referring" in (stage / "eval" / "eval.md").read_text()
+
+
+def test_tiny_multitask_recipe_chains_its_stages_at_the_multitask_resolution(compose) -> None:
+    """recipes/tiny_multitask.yaml: the tiny recipe's stages, then a multitask stage starting
+    from SFT's artifact; a 128 px multitask stage (the demo's arm) plans 256 image tokens per
+    image while the earlier stages keep 64, and its mixture holds the new tasks."""
+    from vlmtrain.plan import plan_recipe
+
+    cfg = compose("recipe=tiny_multitask", "+stages.multitask.model.vision.image_size=128")
+    plans = plan_recipe(cfg)
+    assert [p["stage"] for p in plans] == ["lm_pretrain", "align", "sft", "multitask"]
+    tokens = {p["stage"]: p["image_tokens_per_image"] for p in plans}
+    assert tokens["align"] == tokens["sft"] == 64 and tokens["multitask"] == 256
+    assert set(cfg.stages.multitask.init.values()) == {"from:sft"}
+    mixture = cfg.stages.multitask.mixture
+    assert mixture.ground > 0 and mixture.ocr > 0 and mixture.text > 0
