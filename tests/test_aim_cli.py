@@ -6,7 +6,7 @@ import json
 
 import torch
 from safetensors.torch import load_file
-from test_cli import base_args, losses, vlmtrain
+from test_cli import base_args, kill_and_resume, losses, vlmtrain
 
 from vlmtrain.artifacts import load_model
 
@@ -20,13 +20,7 @@ def test_aim_stage_resumes_exactly_and_hands_a_bidirectional_tower_to_align(shap
         "stage.aim.caption_max_tokens=16",
         "stage.aim.crop_scale=[0.5,1.0]",  # augmented steps resume exactly too
     ]
-    vlmtrain([*args, "run_name=straight"], cwd=tmp_path)
-    killed = vlmtrain(
-        [*args, "run_name=killed"], cwd=tmp_path, env={"VLMTRAIN_KILL_AFTER_STEP": "3"}, check=False
-    )
-    assert killed.returncode != 0, "the kill hook did not fire"
-    resumed = vlmtrain([*args, "run_name=killed"], cwd=tmp_path)
-    assert "resuming from" in resumed.stdout
+    kill_and_resume(args, tmp_path, kill_after=3)
 
     # The same losses (text, image and total), learning rates and final weights.
     straight_dir, killed_dir = tmp_path / "straight" / "aim", tmp_path / "killed" / "aim"

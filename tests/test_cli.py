@@ -34,6 +34,21 @@ def vlmtrain(args: list[str], cwd: Path, env: dict | None = None, check: bool = 
     return proc
 
 
+def kill_and_resume(args: list[str], cwd: Path, kill_after: int, between=None):
+    """Run ``args`` uninterrupted as run ``straight``, then as run ``killed``: killed by the
+    kill hook after step ``kill_after``, ``between()`` (if given) inspecting what the kill
+    left, then the same command again, which must resume. Returns the resumed process."""
+    vlmtrain([*args, "run_name=straight"], cwd=cwd)
+    env = {"VLMTRAIN_KILL_AFTER_STEP": str(kill_after)}
+    killed = vlmtrain([*args, "run_name=killed"], cwd=cwd, env=env, check=False)
+    assert killed.returncode != 0, "the kill hook did not fire"
+    if between is not None:
+        between()
+    resumed = vlmtrain([*args, "run_name=killed"], cwd=cwd)
+    assert "resuming from" in resumed.stdout
+    return resumed
+
+
 def base_args(shapes_root: Path, out: Path, stages: tuple[str, ...] = ("stage",)) -> list[str]:
     """Small data, one thread, and a small batch for each of ``stages`` (config prefixes)."""
     args = [

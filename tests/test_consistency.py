@@ -7,7 +7,7 @@ import json
 
 import pytest
 from omegaconf import OmegaConf
-from test_cli import base_args, vlmtrain
+from test_cli import base_args, kill_and_resume, vlmtrain
 
 from vlmtrain.data.preference import load_pairs
 from vlmtrain.data.samples import load_samples
@@ -83,8 +83,10 @@ def test_a_stage_names_an_earlier_stages_data(tmp_path):
 
 @pytest.mark.slow
 def test_generate_stage_resumes_exactly_and_feeds_sft(shapes_root, tmp_path):
-    """A generate stage killed after step 2 of 4 writes the uninterrupted run's files; an
-    SFT stage of the same run trains on its best samples by naming the stage."""
+    """A generate stage killed after step 3 of 4 resumes from its step-2 checkpoint and
+    writes the uninterrupted run's files; an SFT stage of the same run trains on its best
+    samples by naming the stage. (Killed after step 2, it had no checkpoint yet: the kill
+    hook runs before the step's checkpoint is saved, and the rerun started afresh.)"""
     args = [
         *base_args(shapes_root, tmp_path),
         "stage=generate",
@@ -94,12 +96,7 @@ def test_generate_stage_resumes_exactly_and_feeds_sft(shapes_root, tmp_path):
         "stage.generate.min_consistency=0",
         "trainer.checkpoint_every=2",
     ]
-    vlmtrain([*args, "run_name=straight"], cwd=tmp_path)
-    killed = vlmtrain(
-        [*args, "run_name=killed"], cwd=tmp_path, env={"VLMTRAIN_KILL_AFTER_STEP": "2"}, check=False
-    )
-    assert killed.returncode != 0
-    vlmtrain([*args, "run_name=killed"], cwd=tmp_path)
+    kill_and_resume(args, tmp_path, kill_after=3)
     for name in ("samples.jsonl", "sft.jsonl", "pref.jsonl"):
         want = (tmp_path / "straight" / "generate" / "data" / name).read_text()
         assert (tmp_path / "killed" / "generate" / "data" / name).read_text() == want, name

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import base_args, losses, vlmtrain
+from test_cli import base_args, kill_and_resume, losses, vlmtrain
 
 from vlmtrain.checkpoints import SHARDED_SHAPES, DamagedCheckpoint, read_checkpoint
 from vlmtrain.config import COMPONENTS
@@ -109,13 +109,7 @@ def test_fsdp_kill_and_rerun_resumes_exactly(shapes_root, tmp_path):
         "stage.lora.enabled=true",
         "trainer.activation_checkpointing=true",
     ]
-    vlmtrain([*args, "run_name=straight"], cwd=tmp_path)
-    killed = vlmtrain(
-        [*args, "run_name=killed"], cwd=tmp_path, env={"VLMTRAIN_KILL_AFTER_STEP": "3"}, check=False
-    )
-    assert killed.returncode != 0, "the kill hook did not fire"
-    resumed = vlmtrain([*args, "run_name=killed"], cwd=tmp_path)
-    assert "resuming from" in resumed.stdout
+    kill_and_resume(args, tmp_path, kill_after=3)
     assert losses(metrics(tmp_path, "killed")) == losses(metrics(tmp_path, "straight"))
     assert (
         artifact_difference(tmp_path / "killed/sft/artifact", tmp_path / "straight/sft/artifact")

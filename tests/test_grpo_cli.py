@@ -6,7 +6,7 @@ import csv
 
 import pytest
 import torch
-from test_cli import base_args, losses, vlmtrain
+from test_cli import base_args, kill_and_resume, losses, vlmtrain
 
 
 def _args(shapes_root, tmp_path, *extra):
@@ -64,18 +64,15 @@ def test_grpo_stage_is_killed_and_resumes_exactly(shapes_root, tmp_path):
         shapes_root, tmp_path, "stage.max_steps=6", "stage.grpo.iterations=2",
         "trainer.checkpoint_every=2",
     )  # fmt: skip
-    vlmtrain([*args, "run_name=straight"], cwd=tmp_path)
-    killed = vlmtrain(
-        [*args, "run_name=killed"], cwd=tmp_path, env={"VLMTRAIN_KILL_AFTER_STEP": "4"}, check=False
-    )
-    assert killed.returncode != 0, "the kill hook did not fire"
     stage_dir = tmp_path / "killed" / "grpo"
-    newest = sorted((stage_dir / "checkpoints").glob("step-*.ckpt"))[-1]
-    ckpt = torch.load(newest, weights_only=True)
-    assert ckpt["vlmtrain_grpo_time"]["generation_s"] > 0
-    assert not any("reference" in k for k in ckpt["state_dict"]), "the reference is not saved"
-    resumed = vlmtrain([*args, "run_name=killed"], cwd=tmp_path)
-    assert "resuming from" in resumed.stdout
+
+    def checkpoint_after_kill() -> None:
+        newest = sorted((stage_dir / "checkpoints").glob("step-*.ckpt"))[-1]
+        ckpt = torch.load(newest, weights_only=True)
+        assert ckpt["vlmtrain_grpo_time"]["generation_s"] > 0
+        assert not any("reference" in k for k in ckpt["state_dict"]), "the reference is saved"
+
+    kill_and_resume(args, tmp_path, kill_after=4, between=checkpoint_after_kill)
     want = losses(tmp_path / "straight" / "grpo" / "logs" / "csv" / "metrics.csv")
     got = losses(stage_dir / "logs" / "csv" / "metrics.csv")
     assert len(want) == 6 and got == want

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 import torch
-from test_cli import base_args, losses, vlmtrain
+from test_cli import base_args, kill_and_resume, losses, vlmtrain
 
 
 def test_mpo_stage_is_killed_and_resumes_exactly(shapes_root, tmp_path):
@@ -23,18 +23,15 @@ def test_mpo_stage_is_killed_and_resumes_exactly(shapes_root, tmp_path):
         "stage.val_every=4",
         "stage.val_batches=2",
     ]
-    vlmtrain([*args, "run_name=straight"], cwd=tmp_path)
-    killed = vlmtrain(
-        [*args, "run_name=killed"], cwd=tmp_path, env={"VLMTRAIN_KILL_AFTER_STEP": "5"}, check=False
-    )
-    assert killed.returncode != 0, "the kill hook did not fire"
     stage_dir = tmp_path / "killed" / "mpo"
-    newest = sorted((stage_dir / "checkpoints").glob("step-*.ckpt"))[-1]
-    ckpt = torch.load(newest, weights_only=True)
-    assert ckpt["vlmtrain_reward_mean"]["count"] > 0
-    assert not any("reference" in k for k in ckpt["state_dict"]), "the reference is not saved"
-    resumed = vlmtrain([*args, "run_name=killed"], cwd=tmp_path)
-    assert "resuming from" in resumed.stdout
+
+    def checkpoint_after_kill() -> None:
+        newest = sorted((stage_dir / "checkpoints").glob("step-*.ckpt"))[-1]
+        ckpt = torch.load(newest, weights_only=True)
+        assert ckpt["vlmtrain_reward_mean"]["count"] > 0
+        assert not any("reference" in k for k in ckpt["state_dict"]), "the reference is saved"
+
+    resumed = kill_and_resume(args, tmp_path, kill_after=5, between=checkpoint_after_kill)
     assert "pairs from" in resumed.stdout, "the cached reference log-probs were recomputed"
 
     want = losses(tmp_path / "straight" / "mpo" / "logs" / "csv" / "metrics.csv")

@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_cli import base_args, losses, vlmtrain
+from test_cli import base_args, kill_and_resume, losses, vlmtrain
 
 from vlmtrain.config import ModelConfig
 from vlmtrain.flops import StepShape, step_flops, throughput_metrics
@@ -197,12 +197,7 @@ def test_kill_and_resume_exact_with_workers_store_and_feature_cache(shapes_root,
         f"data.encoded_store={tmp_path / 'store'}",
         "trainer.feature_cache=disk",
     ]
-    vlmtrain([*args, "run_name=straight"], cwd=tmp_path)
-    killed = vlmtrain(
-        [*args, "run_name=killed"], cwd=tmp_path, env={"VLMTRAIN_KILL_AFTER_STEP": "3"}, check=False
-    )
-    assert killed.returncode != 0
-    vlmtrain([*args, "run_name=killed"], cwd=tmp_path)
+    kill_and_resume(args, tmp_path, kill_after=3)
     want = losses(tmp_path / "straight" / "align" / "logs" / "csv" / "metrics.csv")
     assert len(want) == 6
     assert losses(tmp_path / "killed" / "align" / "logs" / "csv" / "metrics.csv") == want
