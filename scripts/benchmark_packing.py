@@ -140,7 +140,8 @@ def main() -> int:
     base = statistics.median(times["unpacked"])
     base_wall = statistics.median(walls["unpacked"])
     print(
-        f"tiny recipe sft mixture: {args.steps} steps of {step_samples} samples "
+        f"{args.recipe} recipe, stage {args.stage}, mixture {dict(cfg.stage.mixture)}: "
+        f"{args.steps} steps of {step_samples} samples "
         f"({tokens} tokens, {supervised} supervised; longest {longest}, {cut} cut at "
         f"max_length {cfg.stage.max_length}), {args.rounds} rounds, "
         f"{torch.get_num_threads()} thread, loss_reduction={cfg.stage.loss_reduction}"
