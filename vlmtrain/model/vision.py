@@ -208,6 +208,10 @@ def _cut(model: nn.Module, feature_layer: int) -> None:
         model.layernorm = nn.Identity()
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
+    if getattr(model, "head", None) is not None:
+        model.head = None
+        model.use_head = False
+        model.config.vision_use_head = False
     # FocalNet's final norm only feeds its own pooled output, never the maps DPT reads.
     backbone = getattr(model.embeddings, "backbone", None)
     if hasattr(backbone, "focalnet"):
