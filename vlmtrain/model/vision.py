@@ -157,11 +157,12 @@ def _resnet_backbone(cfg: VisionConfig) -> tuple[PretrainedConfig, int]:
 
 
 def _focalnet_backbone(cfg: VisionConfig) -> tuple[PretrainedConfig, int]:
-    """A small FocalNet (Yang et al. 2022), ConvNeXt's kin with every path linear plus
-    residual: a linear stride-4 patchify convolution and a LayerNorm, blocks that add
+    """A small FocalNet (Yang et al. 2022), ConvNeXt's kin: a linear stride-4 patchify
+    convolution and a LayerNorm, residual blocks that add
     a focal modulation (linear maps gated by depthwise 3x3 and 5x5 contexts) and an
     MLP to their input, and a LayerNorm'd linear 2x2 stride-2 convolution between
-    stages, so colour reaches the patch grid as through stem=conv's linear patch path.
+    stages: the residual stream from the pixels to the patch grid has no ReLU, max-pool or
+    BatchNorm (what the resnet backbone's colour was thought to suffer from).
     One block of hidden_size / 2 at 1/4, then a stage per halving up to hidden_size at
     the patch grid, where it has ``stem_blocks`` blocks (at least one). From scratch:
     no drop path, no layer scale. (transformers' ConvNeXt would be the first choice,
