@@ -96,7 +96,7 @@ def test_aim_refuses_it(compose):
         )
 
 
-def test_focalnet_backbone_is_linear_plus_residual_and_reaches_the_patch_grid():
+def test_focalnet_backbone_reaches_the_patch_grid_and_gives_llava_its_hidden_states():
     """A stride-4 linear patchify stem, one block of hidden/2 at 1/4, stem_blocks blocks
     of hidden at the patch grid, no drop path; its unused final norm is dropped, so every
     weight learns; and it survives what Llava does: asking the tower for hidden states."""
