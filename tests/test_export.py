@@ -38,6 +38,13 @@ COMBINATIONS = {
         "model.vision.backbone=resnet",
         "model.vision.stem_blocks=2",
     ),
+    # The same on a FocalNet (LayerNorms, focal modulation; its unused final norm).
+    "vit_hybrid_focalnet-mlp2x-llama": (
+        "model=tiny",
+        "model.vision.type=vit_hybrid",
+        "model.vision.backbone=focalnet",
+        "model.vision.stem_blocks=2",
+    ),
     # Tied input/output embeddings (Qwen2-0.5B ties them): written once, loaded twice.
     "clip-mlp2x-qwen2-tied": ("model=tiny_clip_qwen2", "model.lm.tie_word_embeddings=true"),
 }

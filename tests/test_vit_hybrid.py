@@ -47,10 +47,12 @@ def test_every_stem_weight_learns():
         ({"patch_size": 32}, r"patch_size must be 4, 8 or 16, not 32"),
         ({"hidden_size": 48}, r"model\.vision\.hidden_size=48.*multiple of 32"),
         ({"stem_blocks": -1}, r"model\.vision\.stem_blocks=-1"),
-        ({"backbone": "convnext"}, r"model\.vision\.backbone='convnext': expected one of"),
+        ({"backbone": "vgg"}, r"model\.vision\.backbone='vgg': expected one of"),
         ({"backbone": "resnet", "patch_size": 4}, r"backbone=resnet.*power of two >= 8, not 4"),
         ({"backbone": "resnet", "hidden_size": 66}, r"hidden_size=66.*multiple of 4"),
         ({"backbone": "resnet", "stem": "conv"}, r"stem='conv'.*backbone=resnet"),
+        ({"backbone": "focalnet", "patch_size": 12}, r"backbone=focalnet.*power of two >= 8"),
+        ({"backbone": "focalnet", "patch_size": 16, "hidden_size": 66}, r"multiple of 4"),
     ],
 )
 def test_misconfigurations_name_the_key(fields, match):
@@ -92,3 +94,28 @@ def test_aim_refuses_it(compose):
         plan_recipe(
             compose("recipe=tiny_aim", "model.vision.type=vit_hybrid", "model.vision.stem=patch")
         )
+
+
+def test_focalnet_backbone_reaches_the_patch_grid_and_gives_llava_its_hidden_states():
+    """A stride-4 linear patchify stem, one block of hidden/2 at 1/4, stem_blocks blocks
+    of hidden at the patch grid, no drop path; its unused final norm is dropped, so every
+    weight learns; and it survives what Llava does: asking the tower for hidden states."""
+    torch.manual_seed(0)
+    cfg = VisionConfig(type="vit_hybrid", backbone="focalnet", stem_blocks=2)
+    tower = build_vision_tower(cfg)
+    focalnet = tower.model.embeddings.backbone
+    assert type(focalnet).__name__ == "FocalNetBackbone"
+    assert focalnet.focalnet.embeddings.patch_embeddings.projection.stride == (4, 4)
+    assert [len(s.layers) for s in focalnet.focalnet.encoder.stages] == [1, 2]
+    assert focalnet.channels == [32, 64, 64]
+    layers = [layer for s in focalnet.focalnet.encoder.stages for layer in s.layers]
+    assert all(isinstance(layer.drop_path, torch.nn.Identity) for layer in layers)
+    pix = torch.randn(4, 3, 64, 64)
+    out = tower(pix)
+    assert out.shape == (4, 64, 64) == (4, tower.spec().tokens_per_image, cfg.hidden_size)
+    with torch.no_grad():
+        hidden = tower.model(pix, output_hidden_states=True).hidden_states
+    assert torch.equal(hidden[-1][:, 1:], out.detach())
+    out.square().mean().backward()
+    for name, p in tower.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

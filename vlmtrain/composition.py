@@ -200,7 +200,9 @@ def _architecture(comp: str, module, cfg: DictConfig) -> str:
     if comp == "vision":
         stem = cfg.vision.stem
         if cfg.vision.type == "vit_hybrid":
-            stem = {"bit": "BiT", "resnet": "ResNet"}[cfg.vision.get("backbone") or "bit"]
+            stem = {"bit": "BiT", "resnet": "ResNet", "focalnet": "FocalNet"}[
+                cfg.vision.get("backbone") or "bit"
+            ]
         return f"{module.config.model_type} (stem {stem})"
     if comp == "lm":
         return module.config.model_type

@@ -42,7 +42,8 @@ class VisionConfig:
     stem_blocks: int = 0
     # type=vit_hybrid: the ResNet its patches come from, built by transformers'
     # load_backbone: "bit" (the default: weight-standardized convolutions, GroupNorm,
-    # bottlenecks) or "resnet" (BatchNorm, basic 3x3 blocks, like stem=conv).
+    # bottlenecks), "resnet" (BatchNorm, basic 3x3 blocks, like stem=conv) or "focalnet"
+    # (linear patchify stem, LayerNorm, residual focal-modulation + MLP blocks).
     backbone: str | None = None
     # Which hidden state feeds the projector: -1 last layer, -2 penultimate (LLaVA).
     # Layers after it are dropped from the tower, so nothing is computed or held unused.

@@ -12,9 +12,9 @@ one. What needs care:
 - The tower was cut at its feature layer; exported, it keeps those layers and Llava
   reads ``hidden_states[-1]`` (the last kept layer, before the post-layernorm, as
   vlmtrain does). The unused post-layernorm is written as an identity LayerNorm.
-- The hybrid ViT (a BiT or ResNet stem, built by transformers' load_backbone) is
-  transformers' DPTModel, which Llava builds with AutoModel like any tower; its unused
-  final LayerNorm and pooler are written as an identity and zeros.
+- The hybrid ViT (a BiT, ResNet or FocalNet stem, built by transformers' load_backbone)
+  is transformers' DPTModel, which Llava builds with AutoModel like any tower; its unused
+  final LayerNorm and pooler (and a FocalNet stem's final LayerNorm) are written as an identity and zeros.
 - CLIP and the hybrid ViT have a class token that vlmtrain drops: ``vision_feature_select_strategy``
   ``default`` (drop the first token) with one additional token in the processor's
   count; SigLIP has none: ``full``.
@@ -57,7 +57,7 @@ def check_exportable(model_cfg) -> None:
             "tower's patch embedding, and transformers' SigLIP/CLIP vision models, which Llava "
             "uses as its tower, have only a single strided patch convolution; no standard "
             "transformers class holds this tower. To export, train with model.vision.stem=patch, "
-            "or model.vision.type=vit_hybrid (model.vision.backbone=resnet or bit) for a "
+            "or model.vision.type=vit_hybrid (model.vision.backbone=focalnet, resnet or bit) for a "
             "convolutional stem Llava can hold."
         )
     if vision.type not in EXPORTABLE_TOWERS:
@@ -154,10 +154,12 @@ def _copy_weights(model, llava, linear: bool) -> None:
     state = dict(model.vision_tower.model.state_dict())
     # vlmtrain drops the final norm and any pooler (never on the feature path); Llava keeps
     # unused ones: an identity norm, a zero pooler.
+    # So is a FocalNet stem's final norm (it feeds FocalNet's own pooled output).
+    unused = ("post_layernorm.", "layernorm.", "pooler.", "embeddings.backbone.focalnet.layernorm.")
     for name, value in tower.state_dict().items():
         top = name.removeprefix("vision_model.")
-        if name not in state and top.startswith(("post_layernorm.", "layernorm.", "pooler.")):
-            norm_scale = "layernorm." in top and top.endswith(".weight")
+        if name not in state and top.startswith(unused):
+            norm_scale = "norm" in top and top.endswith(".weight")
             state[name] = torch.ones_like(value) if norm_scale else torch.zeros_like(value)
     tower.load_state_dict(state, strict=True)
 

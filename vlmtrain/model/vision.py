@@ -21,6 +21,7 @@ from transformers import (
     CLIPVisionModel,
     DPTConfig,
     DPTModel,
+    FocalNetConfig,
     PretrainedConfig,
     ResNetConfig,
     SiglipImageProcessorPil,
@@ -155,7 +156,35 @@ def _resnet_backbone(cfg: VisionConfig) -> tuple[PretrainedConfig, int]:
     return backbone, h
 
 
-_BACKBONES = {"bit": _bit_backbone, "resnet": _resnet_backbone}
+def _focalnet_backbone(cfg: VisionConfig) -> tuple[PretrainedConfig, int]:
+    """A small FocalNet (Yang et al. 2022), ConvNeXt's kin: a linear stride-4 patchify
+    convolution and a LayerNorm, residual blocks that add
+    a focal modulation (linear maps gated by depthwise 3x3 and 5x5 contexts) and an
+    MLP to their input, and a LayerNorm'd linear 2x2 stride-2 convolution between
+    stages: the residual stream from the pixels to the patch grid has no ReLU, max-pool or
+    BatchNorm (what the resnet backbone's colour was thought to suffer from).
+    One block of hidden_size / 2 at 1/4, then a stage per halving up to hidden_size at
+    the patch grid, where it has ``stem_blocks`` blocks (at least one). From scratch:
+    no drop path, no layer scale. (transformers' ConvNeXt would be the first choice,
+    but a DPT around it breaks when Llava asks the tower for hidden states: its nested
+    encoder's output hooks are installed twice and the feature maps misalign.)"""
+    h = cfg.hidden_size
+    halvings = cfg.patch_size.bit_length() - 3  # after the patchify stem's 1/4
+    backbone = FocalNetConfig(
+        image_size=cfg.image_size,
+        patch_size=4,
+        embed_dim=h >> halvings,  # each stage's downsampling doubles it
+        hidden_sizes=[h >> (halvings - 1 - i) for i in range(halvings)] + [h],
+        depths=[1] * halvings + [max(1, cfg.stem_blocks)],
+        drop_path_rate=0.0,
+        use_layerscale=False,
+        # DPT takes three maps; the last is the patch grid.
+        out_features=(["stem"] + [f"stage{i}" for i in range(1, halvings + 2)])[-3:],
+    )
+    return backbone, h
+
+
+_BACKBONES = {"bit": _bit_backbone, "resnet": _resnet_backbone, "focalnet": _focalnet_backbone}
 
 
 def _cut(model: nn.Module, feature_layer: int) -> None:
@@ -184,6 +213,10 @@ def _cut(model: nn.Module, feature_layer: int) -> None:
         model.head = None
         model.use_head = False
         model.config.vision_use_head = False
+    # FocalNet's final norm only feeds its own pooled output, never the maps DPT reads.
+    backbone = getattr(model.embeddings, "backbone", None)
+    if hasattr(backbone, "focalnet"):
+        backbone.focalnet.layernorm = nn.Identity()
 
 
 def build_vision_tower(
@@ -324,9 +357,9 @@ def _check_hybrid(cfg: VisionConfig) -> None:
             "model.vision.type=vit_hybrid: the BiT stem reaches stride 4 and its stages at "
             f"most 16, so model.vision.patch_size must be 4, 8 or 16, not {p}"
         )
-    if kind == "resnet" and (p < 8 or p & (p - 1)):
+    if kind in ("resnet", "focalnet") and (p < 8 or p & (p - 1)):
         raise ValueError(
-            "model.vision.backbone=resnet: its stem reaches stride 4, each stage after the "
+            f"model.vision.backbone={kind}: its stem reaches stride 4, each stage after the "
             "first halves it and DPT takes three feature maps, so model.vision.patch_size "
             f"must be a power of two >= 8, not {p}"
         )
@@ -341,6 +374,12 @@ def _check_hybrid(cfg: VisionConfig) -> None:
             f"model.vision.hidden_size={cfg.hidden_size}: the resnet backbone halves the "
             "channels per stage down to its stem's hidden_size / 4, so it must be a "
             f"multiple of {divisor}"
+        )
+    if kind == "focalnet" and cfg.hidden_size % (p // 4):
+        raise ValueError(
+            f"model.vision.hidden_size={cfg.hidden_size}: the focalnet backbone halves the "
+            "channels per stage down to hidden_size / (patch_size / 4) at its stride-4 "
+            f"stem, so it must be a multiple of {p // 4}"
         )
 
 
