@@ -1,7 +1,10 @@
 """Frozen-feature linear probes of a vision tower on the shapes world (AIMv2's frozen-trunk
 evaluation, reduced to what the shapes world labels): from the mean of the tower's patch
 features (full attention), a linear layer predicts the number of objects (classes), and
-which shapes and which colours are present (one binary label each).
+which shapes and which colours are present (one binary label each). A fourth probe reads
+*where*: from the features of single patches lying on an object, a linear layer predicts
+the patch's column and its row in the grid (the information a "where is X?" answer must
+find in the image tokens themselves; reported as the mean of the two accuracies).
 
     python scripts/probe_tower.py runs/x/aim/artifact [--fresh] [--data-root ...]
     python scripts/probe_tower.py --tower type=vit_hybrid --tower backbone=resnet ...
@@ -52,20 +55,47 @@ def tower_of(artifact: Path, fresh: bool):
     return model.vision_tower, processor
 
 
+def object_patches(objects: list[dict], canvas: int, grid: int) -> list[tuple[int, int]]:
+    """(column, row) of every patch whose centre lies inside one of the objects' boxes."""
+    cells = []
+    for o in objects:
+        x0, y0, x1, y1 = o["bbox"]
+        for row in range(grid):
+            for col in range(grid):
+                cx, cy = (col + 0.5) * canvas / grid, (row + 0.5) * canvas / grid
+                if x0 <= cx < x1 and y0 <= cy < y1:
+                    cells.append((col, row))
+    return cells
+
+
 def features_and_labels(tower, processor, records: list[dict], root: Path, vocab: dict):
     feats, counts, shapes, colours = [], [], [], []
+    patch_feats, places = [], []
+    canvas = json.loads((root / "meta.json").read_text())["config"]["canvas"]
     for start in range(0, len(records), 64):
         chunk = records[start : start + 64]
         images = [to_rgb(Image.open(root / r["image"])) for r in chunk]
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            feats.append(tower(pixels).mean(1))
+            tokens = tower(pixels)
+        feats.append(tokens.mean(1))
+        grid = int(tokens.shape[1] ** 0.5)
+        for tok, r in zip(tokens, chunk, strict=True):
+            for col, row in object_patches(r["objects"], canvas, grid):
+                patch_feats.append(tok[row * grid + col])
+                places.append((col, row))
         for r in chunk:
             objs = r["objects"]
             counts.append(len(objs))
             shapes.append([float(any(o["shape"] == s for o in objs)) for s in vocab["shape"]])
             colours.append([float(any(o["colour"] == c for o in objs)) for c in vocab["colour"]])
-    return torch.cat(feats), torch.tensor(counts), torch.tensor(shapes), torch.tensor(colours)
+    return (
+        torch.cat(feats),
+        torch.tensor(counts),
+        torch.tensor(shapes),
+        torch.tensor(colours),
+        (torch.stack(patch_feats), torch.tensor(places), grid),
+    )
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, outputs: int, multilabel: bool, steps: int = 500):
@@ -96,8 +126,8 @@ def probe(
     train = json.loads((data_root / "caption_train.json").read_text())[:limit]
     test = json.loads((data_root / "caption_test.json").read_text())
     vocab = {k: sorted({o[k] for r in train for o in r["objects"]}) for k in ("shape", "colour")}
-    xtr, ctr, str_, cotr = features_and_labels(tower, processor, train, data_root, vocab)
-    xte, cte, ste, cote = features_and_labels(tower, processor, test, data_root, vocab)
+    xtr, ctr, str_, cotr, ptr = features_and_labels(tower, processor, train, data_root, vocab)
+    xte, cte, ste, cote, pte = features_and_labels(tower, processor, test, data_root, vocab)
     mean, std = xtr.mean(0), xtr.std(0) + 1e-6  # standardized features, train statistics
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     classes = int(max(ctr.max(), cte.max())) + 1
@@ -114,7 +144,23 @@ def probe(
             accuracy = ((p(xte) > 0).float() == yte).float().mean().item()
         majority = (ytr.mean(0) > 0.5).float()
         out[name] = (accuracy, (yte == majority).float().mean().item())
+    out["position"] = position_probe(ptr, pte)
     return out
+
+
+def position_probe(train, test) -> tuple[float, float]:
+    """Mean accuracy over column and row of a linear probe on single object patches."""
+    (xtr, ytr, grid), (xte, yte, _) = train, test
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    accuracies, majorities = [], []
+    for axis in (0, 1):
+        p = fit(xtr, ytr[:, axis], grid, multilabel=False)
+        with torch.no_grad():
+            accuracies.append((p(xte).argmax(1) == yte[:, axis]).float().mean().item())
+        majority = torch.bincount(ytr[:, axis], minlength=grid).argmax()
+        majorities.append((yte[:, axis] == majority).float().mean().item())
+    return sum(accuracies) / 2, sum(majorities) / 2
 
 
 def main() -> None:
