@@ -58,18 +58,10 @@ class _TiledProcessor:
 
     def __init__(self, processor, model, model_cfg):
         from vlmtrain.data.images import ImageProcessor
-        from vlmtrain.data.tiling import tiler_for
 
-        spec = model.vision_spec
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.image_token = model_cfg.image_token
-        self.images = ImageProcessor(
-            processor.image_processor,
-            spec.patch_size,
-            ".",
-            model.token_downsample,
-            tiler=tiler_for(model_cfg, spec.image_size),
-        )
+        self.images = ImageProcessor.for_model(processor.image_processor, model, model_cfg, ".")
 
     def apply_chat_template(self, *args, **kwargs):
         return self.processor.apply_chat_template(*args, **kwargs)

@@ -2,10 +2,11 @@
 
 A stage's ``model`` overrides parts of the recipe's model (another LM, projector,
 resolution, tokenizer); the merge is the stage's *effective* model, which its
-config hash, plan, artifact and evaluation use. Components move between stages
-by ``init.<component>: from:<stage>``; ``check_handoffs`` builds the source and
-target models on the meta device when the recipe starts and refuses, before any
-stage trains, a hand-off across architectures, tensor shapes or tokenizers.
+config hash, plan, artifact and evaluation use. ``resolve_init`` says where each
+component starts (fresh, pretrained, ``from:<stage>`` or an artifact);
+``check_handoffs`` builds the source and target models on the meta device when the
+recipe starts and refuses, before any stage trains, a hand-off across architectures,
+tensor shapes or tokenizers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,62 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vlmtrain.config import COMPONENTS, ModelConfig
 from vlmtrain.model.resolution import is_position_table
+
+
+# ------------------------------------------------------------------ init sources
+def resolve_init(stage: DictConfig, model_cfg: DictConfig, run_dir: Path) -> dict[str, str | Path]:
+    """component -> 'fresh' | 'pretrained' | artifact directory."""
+    out: dict[str, str | Path] = {}
+    for name in COMPONENTS:
+        spec = str(stage.init[name])
+        has_path = name != "projector" and bool(model_cfg[name].path)
+        if spec == "auto":
+            out[name] = "pretrained" if has_path else "fresh"
+        elif spec == "pretrained":
+            if not has_path:
+                raise ValueError(
+                    f"stage.init.{name}=pretrained, but model.{name}.path is not set"
+                    + (" (the projector has no pretrained source)" if name == "projector" else "")
+                )
+            out[name] = "pretrained"
+        elif spec == "fresh":
+            if has_path:
+                raise ValueError(
+                    f"stage.init.{name}=fresh, but model.{name}.path names pretrained weights; "
+                    f"set one or the other"
+                )
+            out[name] = "fresh"
+        elif spec.startswith("from:"):
+            source = run_dir / spec[len("from:") :] / "artifact"
+            if not (source / "manifest.json").is_file():
+                raise FileNotFoundError(
+                    f"stage.init.{name}={spec!r}: that stage has no artifact at {source} "
+                    "(it has not finished in this run)"
+                )
+            out[name] = source
+        else:
+            from vlmtrain.artifacts import read_manifest
+
+            read_manifest(Path(spec))  # fails clearly when it is not an artifact
+            out[name] = Path(spec)
+    return out
+
+
+def check_frozen_fresh(stage: DictConfig, init: dict[str, str | Path]) -> None:
+    """A random component that does not train makes the stage meaningless: refuse it
+    unless the stage says it is intended (stage.allow_frozen_fresh)."""
+    if stage.allow_frozen_fresh:
+        return
+    for name in COMPONENTS:
+        if init[name] == "fresh" and not stage.trainable[name]:
+            raise ValueError(
+                f"stage {stage.name!r}: its {name} starts fresh (random weights) and does not "
+                f"train (stage.trainable.{name}=false), so the stage would read a random, frozen "
+                f"{name}. Take it from an earlier stage (stage.init.{name}=from:<stage>) or an "
+                + ("artifact" if name == "projector" else f"artifact or model.{name}.path")
+                + f", train it (stage.trainable.{name}=true), or set "
+                "stage.allow_frozen_fresh=true if that is intended"
+            )
 
 
 # ----------------------------------------------------------------------- composition

@@ -38,15 +38,18 @@ from vlmtrain.checkpoints import (
     resume_point,
     world_size_of,
 )
-from vlmtrain.composition import tokenizer_record
-from vlmtrain.config import COMPONENTS, schema_defaults
+from vlmtrain.composition import (
+    check_frozen_fresh,
+    resolve_init,
+    tokenizer_record,
+)
+from vlmtrain.config import schema_defaults
 from vlmtrain.data.chat import check_chat_template
 from vlmtrain.data.encode import SampleEncoder
 from vlmtrain.data.fingerprint import data_fingerprints
 from vlmtrain.data.images import ImageLimits, ImageProcessor
 from vlmtrain.data.quality import DataQuality
 from vlmtrain.data.stage_data import resolve_stage_data
-from vlmtrain.data.tiling import tiler_for
 from vlmtrain.engines import build_strategy
 from vlmtrain.flops import peak_flops
 from vlmtrain.hardware import check_strategy
@@ -78,59 +81,6 @@ def prepare_data(cfg: DictConfig) -> None:
         ensure_shapes(cfg.data.root, shapes_config(cfg.data.seed, cfg.data.shapes))
     elif cfg.data.generate:
         raise ValueError(f"data.generate={cfg.data.generate!r}: only 'shapes' can be generated")
-
-
-def resolve_init(stage: DictConfig, model_cfg: DictConfig, run_dir: Path) -> dict[str, str | Path]:
-    """component -> 'fresh' | 'pretrained' | artifact directory."""
-    out: dict[str, str | Path] = {}
-    for name in COMPONENTS:
-        spec = str(stage.init[name])
-        has_path = name != "projector" and bool(model_cfg[name].path)
-        if spec == "auto":
-            out[name] = "pretrained" if has_path else "fresh"
-        elif spec == "pretrained":
-            if not has_path:
-                raise ValueError(
-                    f"stage.init.{name}=pretrained, but model.{name}.path is not set"
-                    + (" (the projector has no pretrained source)" if name == "projector" else "")
-                )
-            out[name] = "pretrained"
-        elif spec == "fresh":
-            if has_path:
-                raise ValueError(
-                    f"stage.init.{name}=fresh, but model.{name}.path names pretrained weights; "
-                    f"set one or the other"
-                )
-            out[name] = "fresh"
-        elif spec.startswith("from:"):
-            source = run_dir / spec[len("from:") :] / "artifact"
-            if not (source / "manifest.json").is_file():
-                raise FileNotFoundError(
-                    f"stage.init.{name}={spec!r}: that stage has no artifact at {source} "
-                    "(it has not finished in this run)"
-                )
-            out[name] = source
-        else:
-            read_manifest(Path(spec))  # fails clearly when it is not an artifact
-            out[name] = Path(spec)
-    return out
-
-
-def check_frozen_fresh(stage: DictConfig, init: dict[str, str | Path]) -> None:
-    """A random component that does not train makes the stage meaningless: refuse it
-    unless the stage says it is intended (stage.allow_frozen_fresh)."""
-    if stage.allow_frozen_fresh:
-        return
-    for name in COMPONENTS:
-        if init[name] == "fresh" and not stage.trainable[name]:
-            raise ValueError(
-                f"stage {stage.name!r}: its {name} starts fresh (random weights) and does not "
-                f"train (stage.trainable.{name}=false), so the stage would read a random, frozen "
-                f"{name}. Take it from an earlier stage (stage.init.{name}=from:<stage>) or an "
-                + ("artifact" if name == "projector" else f"artifact or model.{name}.path")
-                + f", train it (stage.trainable.{name}=true), or set "
-                "stage.allow_frozen_fresh=true if that is intended"
-            )
 
 
 def build_model(cfg: DictConfig, init: dict[str, str | Path]):
@@ -198,15 +148,9 @@ def build_trainer(
 
 def make_encoder(cfg: DictConfig, model: VisionLanguageModel, tokenizer) -> SampleEncoder:
     """Samples -> model inputs for this model: its image processor, its image-token count."""
-    spec = model.vision_spec
-    images = ImageProcessor(
-        build_image_processor(cfg.model.vision, spec),
-        spec.patch_size,
-        cfg.data.root,
-        model.token_downsample,
-        ImageLimits.from_config(cfg.data),
-        tiler_for(cfg.model, spec.image_size),
-    )
+    processor = build_image_processor(cfg.model.vision, model.vision_spec)
+    limits = ImageLimits.from_config(cfg.data)
+    images = ImageProcessor.for_model(processor, model, cfg.model, cfg.data.root, limits)
     return SampleEncoder(tokenizer, images, cfg.model.image_token, cfg.stage.max_length)
 
 

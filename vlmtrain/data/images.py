@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmtrain.data.samples import DataError
-from vlmtrain.data.tiling import Tiler
+from vlmtrain.data.tiling import Tiler, tiler_for
 
 # Transparent pixels are shown over white: what a viewer, a browser or a document shows
 # (a black logo on a transparent background stays legible).
@@ -87,6 +87,17 @@ class ImageProcessor:
         self.downsample = downsample  # patches merged per image token, per side
         self.image_root = Path(image_root)
         self.limits = limits or ImageLimits()
+
+    @classmethod
+    def for_model(
+        cls, processor, model, model_cfg, image_root: str | Path, limits: ImageLimits | None = None
+    ) -> ImageProcessor:
+        """The one for ``model`` (a VisionLanguageModel): its tower's patch size, its token
+        downsampling and the tiling ``model_cfg.tiling`` asks for, with tiles of the tower's
+        resolution; training, eval and chat build it here so they cannot disagree."""
+        spec = model.vision_spec
+        tiler = tiler_for(model_cfg, spec.image_size)
+        return cls(processor, spec.patch_size, image_root, model.token_downsample, limits, tiler)
 
     def path_of(self, rel_path: str, sample_id: str, source: str) -> Path:
         """The image's file; one outside ``data.root`` (an absolute path, or ``..``) is bad

@@ -21,7 +21,6 @@ from vlmtrain.data.images import ImageProcessor
 from vlmtrain.data.preference import PairEncoder, collate_pairs, load_pairs
 from vlmtrain.data.samples import read_records
 from vlmtrain.data.shapes_world import COLOURS, SHAPES
-from vlmtrain.data.tiling import tiler_for
 from vlmtrain.eval.prompts import read_eval_samples
 from vlmtrain.objectives.reference import pair_logps
 
@@ -96,13 +95,7 @@ def preference_results(
     """{"preference_<split>": ..., "hallucination_<split>": ...} where the files exist."""
     from vlmtrain.eval.shapes_eval import CAPTION_MAX_NEW_TOKENS, predict
 
-    images = ImageProcessor(
-        processor,
-        model.vision_spec.patch_size,
-        data_root,
-        model.token_downsample,
-        tiler=tiler_for(model_cfg, model.vision_spec.image_size),
-    )
+    images = ImageProcessor.for_model(processor, model, model_cfg, data_root)
     out: dict[str, Any] = {}
     for split in splits:
         pref = data_root / f"pref_{split}.json"

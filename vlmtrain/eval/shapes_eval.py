@@ -23,7 +23,6 @@ from transformers import PreTrainedTokenizerBase
 from vlmtrain.data.boxes import IOU_THRESHOLD, iou, parse_box
 from vlmtrain.data.images import ImageProcessor
 from vlmtrain.data.shapes import ANSWERS
-from vlmtrain.data.tiling import tiler_for
 from vlmtrain.eval.prompts import EvalSample, build_prompt, read_eval_samples
 
 N_EXAMPLES = 5
@@ -239,14 +238,7 @@ def evaluate_artifact(
     model, tokenizer, model_cfg = load_model(Path(artifact_dir), device=device)
     model.eval()
     processor = load_image_processor(artifact_dir, model_cfg, model.vision_spec)
-    # The artifact's own tiling (model.tiling), with tiles of its tower's resolution.
-    images = ImageProcessor(
-        processor,
-        model.vision_spec.patch_size,
-        data_root,
-        model.token_downsample,
-        tiler=tiler_for(model_cfg, model.vision_spec.image_size),
-    )
+    images = ImageProcessor.for_model(processor, model, model_cfg, data_root)
     results: dict[str, Any] = {}
     with torch.no_grad():
         for split in splits:
