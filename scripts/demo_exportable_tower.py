@@ -29,6 +29,23 @@ ARMS = {
         "model.vision.stem=patch",
         "model.vision.backbone=focalnet",
     ],
+    "resnet": [
+        "model.vision.type=vit_hybrid",
+        "model.vision.stem=patch",
+        "model.vision.backbone=resnet",
+    ],
+    "focalnet_s2": [
+        "model.vision.type=vit_hybrid",
+        "model.vision.stem=patch",
+        "model.vision.backbone=focalnet",
+        "model.vision.backbone_stride=2",
+    ],
+    "focalnet_ov": [
+        "model.vision.type=vit_hybrid",
+        "model.vision.stem=patch",
+        "model.vision.backbone=focalnet",
+        "model.vision.backbone_overlap=true",
+    ],
 }
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -52,8 +69,8 @@ def watch_sft(pid: int, run: Path, out: Path) -> None:
         pass
 
 
-def run_name(arm: str, seed: int, blocks: int) -> str:
-    return f"{arm}_b{blocks}_s{seed}"
+def run_name(arm: str, seed: int, blocks: int, sft_steps: int | None) -> str:
+    return f"{arm}_b{blocks}_s{seed}" + (f"_sft{sft_steps}" if sft_steps else "")
 
 
 def main() -> int:
@@ -61,6 +78,9 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=sorted(ARMS))
     parser.add_argument("--stem-blocks", type=int, default=2)
+    parser.add_argument(
+        "--sft-steps", type=int, default=None, help="SFT steps (default: the recipe's 3000)"
+    )
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     parser.add_argument("--out", default=str(REPO / "runs/demo_exportable_tower"))
     parser.add_argument("--report-only", action="store_true")
@@ -71,11 +91,13 @@ def main() -> int:
     if not args.report_only:
         common = ["recipe=tiny", f"output_dir={out}", "trainer.progress_bar=false"]
         common += ["trainer.num_threads=1", f"model.vision.stem_blocks={args.stem_blocks}"]
+        if args.sft_steps:
+            common.append(f"stages.sft.max_steps={args.sft_steps}")
         pending, active = list(runs), []
         while pending or active:
             while pending and len(active) < args.parallel:
                 arm, seed = pending.pop(0)
-                name = run_name(arm, seed, args.stem_blocks)
+                name = run_name(arm, seed, args.stem_blocks, args.sft_steps)
                 proc = launch(name, [f"seed={seed}", *ARMS[arm]], common, out)
                 watcher = threading.Thread(
                     target=watch_sft, args=(proc.pid, out / name, out / f"{name}.cpu.json")
@@ -88,16 +110,16 @@ def main() -> int:
                     active.remove((name, proc))
                     if proc.returncode:
                         print(f"run {name} failed; see {out / name}.log")
-    report(out, runs, args.stem_blocks)
+    report(out, runs, args.stem_blocks, args.sft_steps)
     return 0
 
 
-def report(out: Path, runs: list[tuple[str, int]], blocks: int) -> None:
+def report(out: Path, runs: list[tuple[str, int]], blocks: int, sft_steps: int | None) -> None:
     """One row per run: held-out exact match overall and per question type, unseen
     combinations, CPU seconds per SFT step."""
     rows, types = [], set()
     for arm, seed in runs:
-        name = run_name(arm, seed, blocks)
+        name = run_name(arm, seed, blocks, sft_steps)
         path = out / name / "sft" / "eval" / "eval.json"
         if not path.is_file():
             print(f"{name}: no eval.json (not finished)")

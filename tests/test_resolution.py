@@ -10,7 +10,7 @@ from safetensors.torch import save_model
 
 from vlmtrain.artifacts import load_component
 from vlmtrain.config import VisionConfig
-from vlmtrain.model.resolution import resize_position_table
+from vlmtrain.model.resolution import is_position_table, resize_position_table
 from vlmtrain.model.vision import build_vision_tower
 
 
@@ -25,8 +25,10 @@ def _tower(image_size: int, **kw):
         {"type": "siglip"},
         {"type": "clip", "feature_layer": -2},
         {"type": "siglip", "stem": "conv", "stem_blocks": 1},
+        {"type": "vit_hybrid", "backbone": "resnet", "stem_blocks": 1},
+        {"type": "vit_hybrid", "backbone": "focalnet", "stem_blocks": 1},
     ],
-    ids=["siglip", "clip", "siglip-conv-stem"],
+    ids=["siglip", "clip", "siglip-conv-stem", "hybrid-resnet", "hybrid-focalnet"],
 )
 def test_carried_tower_matches_transformers_interpolation(kind, tmp_path):
     """A 32 px tower (4x4 patches) saved as an artifact component, loaded into a 64 px
@@ -34,8 +36,9 @@ def test_carried_tower_matches_transformers_interpolation(kind, tmp_path):
     interpolate_pos_encoding=True, and the stored table is the resized one."""
     torch.manual_seed(0)
     small = _tower(32, **kind).eval()
+    key = next(k for k in small.state_dict() if is_position_table(k))
     with torch.no_grad():  # a table far from its init, so interpolation errors would show
-        small.model.embeddings.position_embedding.weight.normal_()
+        small.get_parameter(key).normal_()
     save_model(small, str(tmp_path / "vision.safetensors"))
     large = _tower(64, **kind).eval()
     load_component(large, "vision", tmp_path)
@@ -43,20 +46,25 @@ def test_carried_tower_matches_transformers_interpolation(kind, tmp_path):
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ours = large(pixels)
-        theirs = small.model(pixel_values=pixels, interpolate_pos_encoding=True)
-        theirs = theirs.last_hidden_state[:, 1:] if small.has_class_token else theirs
-        theirs = getattr(theirs, "last_hidden_state", theirs)
+        if kind["type"] == "vit_hybrid":
+            # DPT resizes its table at every forward and only checks the input's size.
+            small.model.embeddings.image_size = (64, 64)
+            theirs = small.model(pixel_values=pixels)
+        else:
+            theirs = small.model(pixel_values=pixels, interpolate_pos_encoding=True)
+        theirs = theirs.last_hidden_state
+        theirs = theirs[:, 1:] if small.has_class_token else theirs
     assert ours.shape == (2, 64, 32)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     # Every other weight is carried unchanged.
     small_sd, large_sd = small.state_dict(), large.state_dict()
-    for key, value in small_sd.items():
-        if not key.endswith("position_embedding.weight"):
-            assert torch.equal(value, large_sd[key]), key
-    table = large_sd["model.embeddings.position_embedding.weight"]
+    for name, value in small_sd.items():
+        if name != key:
+            assert torch.equal(value, large_sd[name]), name
+    table = large_sd[key].reshape(-1, 32)
     assert table.shape[0] == 64 + small.has_class_token
     if small.has_class_token:  # the class token's embedding is kept apart, unchanged
-        assert torch.equal(table[0], small_sd["model.embeddings.position_embedding.weight"][0])
+        assert torch.equal(table[0], small_sd[key].reshape(-1, 32)[0])
 
 
 def test_resize_refuses_non_square_grids():

@@ -53,6 +53,17 @@ def test_every_stem_weight_learns():
         ({"backbone": "resnet", "stem": "conv"}, r"stem='conv'.*backbone=resnet"),
         ({"backbone": "focalnet", "patch_size": 12}, r"backbone=focalnet.*power of two >= 8"),
         ({"backbone": "focalnet", "patch_size": 16, "hidden_size": 66}, r"multiple of 4"),
+        ({"backbone": "focalnet", "backbone_stride": 3}, r"backbone_stride=3: expected 2 or 4"),
+        (
+            {"backbone": "focalnet", "backbone_stride": 2, "backbone_overlap": True},
+            r"backbone_overlap=true.*backbone_stride must be 4, not 2",
+        ),
+        (
+            {"backbone": "focalnet", "backbone_stride": 2, "patch_size": 2},
+            r"stride 2.*power of two >= 4, not 2",
+        ),
+        ({"backbone": "resnet", "backbone_stride": 2}, r"backbone_stride=2 is a setting of"),
+        ({"backbone_overlap": True}, r"backbone_overlap=True is a setting of.*backbone=bit"),
     ],
 )
 def test_misconfigurations_name_the_key(fields, match):
@@ -119,3 +130,52 @@ def test_focalnet_backbone_reaches_the_patch_grid_and_gives_llava_its_hidden_sta
     out.square().mean().backward()
     for name, p in tower.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "fields, kernel, stride, stages, channels",
+    [
+        ({"backbone_stride": 2}, 2, 2, [1, 1, 1], [32, 64, 64]),
+        ({"backbone_overlap": True}, 7, 4, [1, 1], [32, 64, 64]),
+    ],
+)
+def test_focalnet_stem_stride_and_overlap(fields, kernel, stride, stages, channels):
+    """backbone_stride=2 adds a stage at 1/2 (16 channels); backbone_overlap is FocalNet's
+    use_conv_embed: a 7x7 stride-4 stem and 3x3 stride-2 downsamplings."""
+    cfg = VisionConfig(type="vit_hybrid", backbone="focalnet", stem_blocks=1, **fields)
+    tower = build_vision_tower(cfg)
+    focalnet = tower.model.embeddings.backbone.focalnet
+    stem = focalnet.embeddings.patch_embeddings.projection
+    assert (stem.kernel_size, stem.stride) == ((kernel, kernel), (stride, stride))
+    assert [len(s.layers) for s in focalnet.encoder.stages] == stages
+    assert focalnet.encoder.stages[0].layers[0].modulation.projection_in.in_features == (
+        cfg.hidden_size * stride // cfg.patch_size
+    )
+    assert tower.model.embeddings.backbone.channels == channels
+    assert tower(torch.randn(2, 3, 64, 64)).shape == (2, 64, 64)
+
+
+def test_a_frozen_batchnorm_tower_leaves_its_stage_unchanged(shapes_root, tmp_path):
+    """A frozen tower runs in eval mode while the projector trains: the ResNet stem's
+    BatchNorm statistics would otherwise follow every batch, and the "frozen" tower
+    would leave the stage other than it came in."""
+    from safetensors.torch import load_file
+    from test_cli import base_args, vlmtrain
+
+    args = [
+        *base_args(shapes_root, tmp_path),
+        "stage=align",
+        "stage.max_steps=2",
+        "model.vision.type=vit_hybrid",
+        "model.vision.backbone=resnet",
+        "model.vision.stem_blocks=1",
+    ]
+    vlmtrain([*args, "run_name=warm", "stage.trainable.vision=true"], cwd=tmp_path)
+    warm = tmp_path / "warm" / "align" / "artifact"
+    vlmtrain([*args, "run_name=frozen", f"stage.init.vision={warm}"], cwd=tmp_path)
+    before = load_file(str(warm / "vision.safetensors"))
+    after = load_file(str(tmp_path / "frozen" / "align" / "artifact" / "vision.safetensors"))
+    assert any("running_mean" in k for k in after)
+    assert sorted(before) == sorted(after)
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key

@@ -33,7 +33,7 @@ from torch import nn
 from vlmtrain.config import COMPONENTS
 from vlmtrain.data.fingerprint import describe_changes as describe_data_changes
 from vlmtrain.durable import DamagedFileError, atomic_write_json, fsync_dir, read_json
-from vlmtrain.model.resolution import is_position_table, resize_position_table
+from vlmtrain.model.resolution import position_table_mode, resize_position_table
 from vlmtrain.model.vlm import VisionLanguageModel
 
 MANIFEST = "manifest.json"
@@ -254,10 +254,11 @@ def load_component(module: nn.Module, name: str, artifact_dir: Path) -> None:
             shape = tuple(f.get_slice(key).get_shape())
             if shape == tuple(own[key].shape):
                 continue
-            if name == "vision" and is_position_table(key) and shape[1:] == own[key].shape[1:]:
+            mode = position_table_mode(key) if name == "vision" else None
+            if mode and (shape[:-2], shape[-1]) == (own[key].shape[:-2], own[key].shape[-1]):
                 # A tower carried into a stage of another resolution (vlmtrain.model.resolution).
                 resized[key] = resize_position_table(
-                    f.get_tensor(key), own[key].shape[0], module.has_class_token
+                    f.get_tensor(key), own[key].shape[-2], module.has_class_token, mode
                 )
                 continue
             problems.append(f"{key}: artifact {shape} vs model {tuple(own[key].shape)}")

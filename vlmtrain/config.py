@@ -45,6 +45,12 @@ class VisionConfig:
     # bottlenecks), "resnet" (BatchNorm, basic 3x3 blocks, like stem=conv) or "focalnet"
     # (linear patchify stem, LayerNorm, residual focal-modulation + MLP blocks).
     backbone: str | None = None
+    # backbone=focalnet: the stride of its patchify stem (4, FocalNet's; or 2, a stage
+    # more, so nonlinear blocks see 2x2 pixel patches, as stem=conv's first convolution
+    # does) and whether it and the downsamplings convolve with overlap (FocalNet's
+    # use_conv_embed: 7x7 stride-4 stem, 3x3 stride-2 downsamplings).
+    backbone_stride: int = 4
+    backbone_overlap: bool = False
     # Which hidden state feeds the projector: -1 last layer, -2 penultimate (LLaVA).
     # Layers after it are dropped from the tower, so nothing is computed or held unused.
     feature_layer: int = -1

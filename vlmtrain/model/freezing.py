@@ -13,7 +13,9 @@ from vlmtrain.model.vlm import VisionLanguageModel
 def apply_trainable(
     model: VisionLanguageModel, trainable: TrainableConfig, lora: LoraConfig
 ) -> None:
-    """Freeze / unfreeze each component; with LoRA, wrap the LM and train only its adapters."""
+    """Freeze / unfreeze each component; with LoRA, wrap the LM and train only its adapters.
+    The model is left in training mode, its frozen components in eval mode
+    (VisionLanguageModel.train)."""
     for name, module in model.components().items():
         module.requires_grad_(bool(getattr(trainable, name)))
     if lora.enabled:
@@ -30,6 +32,7 @@ def apply_trainable(
                 task_type="CAUSAL_LM",
             ),
         )
+    model.train()
 
 
 def parameter_counts(model: VisionLanguageModel) -> dict[str, tuple[int, int]]:

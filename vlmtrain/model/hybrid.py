@@ -77,10 +77,12 @@ def _focalnet_backbone(cfg: VisionConfig) -> tuple[PretrainedConfig, int]:
     but a DPT around it breaks when Llava asks the tower for hidden states: its nested
     encoder's output hooks are installed twice and the feature maps misalign.)"""
     h = cfg.hidden_size
-    halvings = cfg.patch_size.bit_length() - 3  # after the patchify stem's 1/4
+    stride = cfg.backbone_stride
+    halvings = (cfg.patch_size // stride).bit_length() - 1  # after the patchify stem
     backbone = FocalNetConfig(
         image_size=cfg.image_size,
-        patch_size=4,
+        patch_size=stride,
+        use_conv_embed=cfg.backbone_overlap,
         embed_dim=h >> halvings,  # each stage's downsampling doubles it
         hidden_sizes=[h >> (halvings - 1 - i) for i in range(halvings)] + [h],
         depths=[1] * halvings + [max(1, cfg.stem_blocks)],
@@ -114,12 +116,16 @@ def check_hybrid(cfg: VisionConfig) -> None:
             "model.vision.type=vit_hybrid: the BiT stem reaches stride 4 and its stages at "
             f"most 16, so model.vision.patch_size must be 4, 8 or 16, not {p}"
         )
-    if kind in ("resnet", "focalnet") and (p < 8 or p & (p - 1)):
+    if kind == "resnet" and (p < 8 or p & (p - 1)):
         raise ValueError(
-            f"model.vision.backbone={kind}: its stem reaches stride 4, each stage after the "
+            "model.vision.backbone=resnet: its stem reaches stride 4, each stage after the "
             "first halves it and DPT takes three feature maps, so model.vision.patch_size "
             f"must be a power of two >= 8, not {p}"
         )
+    if kind == "focalnet":
+        _check_focalnet(cfg)
+    else:
+        _check_not_focalnet(cfg, kind)
     if kind == "bit" and cfg.hidden_size % 32:
         raise ValueError(
             f"model.vision.hidden_size={cfg.hidden_size}: vit_hybrid's BiT uses 8 norm "
@@ -132,9 +138,36 @@ def check_hybrid(cfg: VisionConfig) -> None:
             "channels per stage down to its stem's hidden_size / 4, so it must be a "
             f"multiple of {divisor}"
         )
-    if kind == "focalnet" and cfg.hidden_size % (p // 4):
+
+
+def _check_not_focalnet(cfg: VisionConfig, kind: str) -> None:
+    for key, default in (("backbone_stride", 4), ("backbone_overlap", False)):
+        if getattr(cfg, key) != default:
+            raise ValueError(
+                f"model.vision.{key}={getattr(cfg, key)!r} is a setting of "
+                f"model.vision.backbone=focalnet, not of backbone={kind}"
+            )
+
+
+def _check_focalnet(cfg: VisionConfig) -> None:
+    p, stride = cfg.patch_size, cfg.backbone_stride
+    if stride not in (2, 4):
+        raise ValueError(f"model.vision.backbone_stride={stride}: expected 2 or 4")
+    if cfg.backbone_overlap and stride != 4:
+        raise ValueError(
+            "model.vision.backbone_overlap=true: FocalNet's overlapping stem is a 7x7 "
+            f"stride-4 convolution, so model.vision.backbone_stride must be 4, not {stride}"
+        )
+    if p < 2 * stride or p & (p - 1):
+        raise ValueError(
+            f"model.vision.backbone=focalnet: its stem reaches stride {stride} "
+            "(model.vision.backbone_stride), each stage after the first halves it and DPT "
+            "takes three feature maps, so model.vision.patch_size must be a power of two "
+            f">= {2 * stride}, not {p}"
+        )
+    if cfg.hidden_size % (p // stride):
         raise ValueError(
             f"model.vision.hidden_size={cfg.hidden_size}: the focalnet backbone halves the "
-            "channels per stage down to hidden_size / (patch_size / 4) at its stride-4 "
-            f"stem, so it must be a multiple of {p // 4}"
+            f"channels per stage down to hidden_size / (patch_size / {stride}) at its "
+            f"stride-{stride} stem, so it must be a multiple of {p // stride}"
         )

@@ -73,6 +73,17 @@ class VisionLanguageModel(nn.Module):
             "lm": self.language_model,
         }
 
+    def train(self, mode: bool = True) -> VisionLanguageModel:
+        """A frozen component stays in eval mode while the rest trains: its BatchNorm
+        statistics (a ResNet-stemmed tower) would otherwise drift with every batch and
+        its dropout would perturb the features the trained parts learn from, so a
+        frozen component leaves the stage exactly as it came in."""
+        super().train(mode)
+        for module in self.components().values():
+            if mode and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
     def enable_activation_checkpointing(self) -> None:
         """Keep only each transformer layer's input for backward and recompute the rest
         (vision tower and LM). Non-reentrant checkpointing, so frozen components and
