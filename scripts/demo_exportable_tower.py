@@ -22,27 +22,18 @@ from pathlib import Path
 
 from side_by_side import REPO, launch
 
+HYBRID = ["model.vision.type=vit_hybrid", "model.vision.stem=patch"]
+# Each arm's tower, all settings spelled out, so an arm means the same whatever
+# recipes/tiny.yaml holds; --stem-blocks sets the hybrid backbones' blocks.
 ARMS = {
-    "conv": [],  # recipes/tiny.yaml's tower
-    "focalnet": [
-        "model.vision.type=vit_hybrid",
-        "model.vision.stem=patch",
-        "model.vision.backbone=focalnet",
-    ],
-    "resnet": [
-        "model.vision.type=vit_hybrid",
-        "model.vision.stem=patch",
-        "model.vision.backbone=resnet",
-    ],
-    "focalnet_s2": [
-        "model.vision.type=vit_hybrid",
-        "model.vision.stem=patch",
-        "model.vision.backbone=focalnet",
-        "model.vision.backbone_stride=2",
-    ],
+    # The convolutional stem beside a SigLIP patch embedding (recipes/tiny.yaml's tower
+    # until the ResNet hybrid replaced it): no transformers class holds it.
+    "conv": ["model.vision.type=siglip", "model.vision.stem=conv", "model.vision.stem_blocks=2"],
+    "resnet": [*HYBRID, "model.vision.backbone=resnet"],
+    "focalnet": [*HYBRID, "model.vision.backbone=focalnet"],
+    "focalnet_s2": [*HYBRID, "model.vision.backbone=focalnet", "model.vision.backbone_stride=2"],
     "focalnet_ov": [
-        "model.vision.type=vit_hybrid",
-        "model.vision.stem=patch",
+        *HYBRID,
         "model.vision.backbone=focalnet",
         "model.vision.backbone_overlap=true",
     ],
@@ -70,6 +61,7 @@ def watch_sft(pid: int, run: Path, out: Path) -> None:
 
 
 def run_name(arm: str, seed: int, blocks: int, sft_steps: int | None) -> str:
+    blocks = 2 if arm == "conv" else blocks
     return f"{arm}_b{blocks}_s{seed}" + (f"_sft{sft_steps}" if sft_steps else "")
 
 
@@ -90,7 +82,7 @@ def main() -> int:
     runs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     if not args.report_only:
         common = ["recipe=tiny", f"output_dir={out}", "trainer.progress_bar=false"]
-        common += ["trainer.num_threads=1", f"model.vision.stem_blocks={args.stem_blocks}"]
+        common += ["trainer.num_threads=1"]
         if args.sft_steps:
             common.append(f"stages.sft.max_steps={args.sft_steps}")
         pending, active = list(runs), []
@@ -98,7 +90,10 @@ def main() -> int:
             while pending and len(active) < args.parallel:
                 arm, seed = pending.pop(0)
                 name = run_name(arm, seed, args.stem_blocks, args.sft_steps)
-                proc = launch(name, [f"seed={seed}", *ARMS[arm]], common, out)
+                tower = ARMS[arm]
+                if arm != "conv":
+                    tower = [*tower, f"model.vision.stem_blocks={args.stem_blocks}"]
+                proc = launch(name, [f"seed={seed}", *tower], common, out)
                 watcher = threading.Thread(
                     target=watch_sft, args=(proc.pid, out / name, out / f"{name}.cpu.json")
                 )
