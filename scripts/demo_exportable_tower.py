@@ -28,7 +28,12 @@ HYBRID = ["model.vision.type=vit_hybrid", "model.vision.stem=patch"]
 ARMS = {
     # The convolutional stem beside a SigLIP patch embedding (recipes/tiny.yaml's tower
     # until the ResNet hybrid replaced it): no transformers class holds it.
-    "conv": ["model.vision.type=siglip", "model.vision.stem=conv", "model.vision.stem_blocks=2"],
+    "conv": [
+        "model.vision.type=siglip",
+        "model.vision.backbone=null",
+        "model.vision.stem=conv",
+        "model.vision.stem_blocks=2",
+    ],
     "resnet": [*HYBRID, "model.vision.backbone=resnet"],
     "focalnet": [*HYBRID, "model.vision.backbone=focalnet"],
     "focalnet_s2": [*HYBRID, "model.vision.backbone=focalnet", "model.vision.backbone_stride=2"],
