@@ -1,14 +1,16 @@
-"""The tiny recipe with its convolutional stem against an exportable tower, side by side.
+"""The tiny recipe with the convolutional stem against exportable towers, side by side.
 
 Each arm is `vlmtrain recipe=tiny` (lm_pretrain -> align -> SFT -> held-out eval) at one
-thread, with only the tower changed: (a) `stem=conv` (the recipe's; no transformers class
-holds it, so `vlmtrain export` refuses it) and (b) a ViT on a FocalNet stem, transformers'
-DPT hybrid (`vit_hybrid`, `backbone=focalnet`), which exports to Llava. Each run's CPU
-time during SFT training is read from /proc, so CPU seconds per SFT step compare fairly
-even when runs share cores::
+thread, with only the tower changed: `conv` (model/vision=tiny_conv_stem, the recipe's
+until 2026-11-30: no transformers class holds its stem, so `vlmtrain export` refuses it)
+against ViTs on a small convolutional network, transformers' DPT hybrid (`vit_hybrid`),
+which export to Llava: `resnet` (model/vision=tiny_resnet_hybrid, the recipe's tower),
+`focalnet`, and FocalNet with a stride-2 stem (`focalnet_s2`) or overlapping convolutions
+(`focalnet_ov`). Each run's CPU time during SFT training is read from /proc, so CPU
+seconds per SFT step compare fairly even when runs share cores::
 
-    python scripts/demo_exportable_tower.py --seeds 0 1 --parallel 2
-    python scripts/demo_exportable_tower.py --seeds 0 1 --report-only
+    python scripts/demo_exportable_tower.py --seeds 0 1 2 --sft-steps 4500
+    python scripts/demo_exportable_tower.py --arms focalnet focalnet_s2 focalnet_ov --seeds 0 1
 """
 
 from __future__ import annotations
@@ -22,19 +24,13 @@ from pathlib import Path
 
 from side_by_side import REPO, launch
 
-HYBRID = ["model.vision.type=vit_hybrid", "model.vision.stem=patch"]
-# Each arm's tower, all settings spelled out, so an arm means the same whatever
+HYBRID = ["model/vision=tiny_resnet_hybrid"]
+# Each arm's tower is a config of its own, so an arm means the same whatever
 # recipes/tiny.yaml holds; --stem-blocks sets the hybrid backbones' blocks.
 ARMS = {
-    # The convolutional stem beside a SigLIP patch embedding (recipes/tiny.yaml's tower
-    # until the ResNet hybrid replaced it): no transformers class holds it.
-    "conv": [
-        "model.vision.type=siglip",
-        "model.vision.backbone=null",
-        "model.vision.stem=conv",
-        "model.vision.stem_blocks=2",
-    ],
-    "resnet": [*HYBRID, "model.vision.backbone=resnet"],
+    # The recipe's tower until 2026-11-30; no transformers class holds its stem.
+    "conv": ["model/vision=tiny_conv_stem"],
+    "resnet": HYBRID,  # the recipe's tower
     "focalnet": [*HYBRID, "model.vision.backbone=focalnet"],
     "focalnet_s2": [*HYBRID, "model.vision.backbone=focalnet", "model.vision.backbone_stride=2"],
     "focalnet_ov": [
@@ -73,10 +69,10 @@ def run_name(arm: str, seed: int, blocks: int, sft_steps: int | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=sorted(ARMS))
-    parser.add_argument("--stem-blocks", type=int, default=2)
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["conv", "resnet"])
+    parser.add_argument("--stem-blocks", type=int, default=1)
     parser.add_argument(
-        "--sft-steps", type=int, default=None, help="SFT steps (default: the recipe's 3000)"
+        "--sft-steps", type=int, default=None, help="SFT steps (default: the recipe's)"
     )
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     parser.add_argument("--out", default=str(REPO / "runs/demo_exportable_tower"))

@@ -108,8 +108,12 @@ def test_projector_from_a_smaller_lm_fails_naming_tensors(compose):
     [
         (("+stages.sft.model.lm.type=qwen2",), "architecture llama, this stage qwen2"),
         (
-            ("+stages.sft.model.vision.type=clip",),
-            "architecture siglip_vision_model .*, this stage clip_vision_model",
+            (
+                "+stages.sft.model.vision.type=clip",
+                "+stages.sft.model.vision.backbone=null",
+                "+stages.sft.model.vision.stem_blocks=0",
+            ),
+            r"architecture dpt \(stem ResNet\), this stage clip_vision_model",
         ),
     ],
 )

@@ -54,7 +54,7 @@ def test_built_wheel_runs_recipes_from_any_directory(shapes_root, tmp_path):
 
     vlmtrain = venv / "bin" / "vlmtrain"
     job = run([vlmtrain, "recipe=tiny", "--cfg", "job"], work)
-    assert "lm_pretrain:" in job.stdout and "stem: conv" in job.stdout
+    assert "lm_pretrain:" in job.stdout and "backbone: resnet" in job.stdout
     plan = run([vlmtrain, "recipe=llava15", "plan=true", "trainer=gpu", "trainer.devices=8"], work)
     assert "6,738,423,808" in plan.stdout
     steps = [f"stages.{s}.max_steps=2" for s in ("lm_pretrain", "align", "sft")]

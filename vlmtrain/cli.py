@@ -45,7 +45,7 @@ for pattern in (
     ".*litlogger.*",
     ".*Experiment logs directory.*",
     ".*Checkpoint directory .* exists and is not empty.*",  # a resumed stage's, by design
-    ".*module\\(s\\) in eval mode at the start of training.*",  # frozen components, by design
+    ".*module\\(s\\) in eval mode at the start of training.*",  # frozen BatchNorm, by design
 ):
     warnings.filterwarnings("ignore", message=pattern)
 

@@ -14,8 +14,8 @@ def apply_trainable(
     model: VisionLanguageModel, trainable: TrainableConfig, lora: LoraConfig
 ) -> None:
     """Freeze / unfreeze each component; with LoRA, wrap the LM and train only its adapters.
-    The model is left in training mode, its frozen components in eval mode
-    (VisionLanguageModel.train)."""
+    The model is left in training mode, the BatchNorm layers of its frozen components in
+    eval mode (VisionLanguageModel.train)."""
     for name, module in model.components().items():
         module.requires_grad_(bool(getattr(trainable, name)))
     if lora.enabled:

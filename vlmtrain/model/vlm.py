@@ -74,14 +74,17 @@ class VisionLanguageModel(nn.Module):
         }
 
     def train(self, mode: bool = True) -> VisionLanguageModel:
-        """A frozen component stays in eval mode while the rest trains: its BatchNorm
-        statistics (a ResNet-stemmed tower) would otherwise drift with every batch and
-        its dropout would perturb the features the trained parts learn from, so a
-        frozen component leaves the stage exactly as it came in."""
+        """The BatchNorm layers of a frozen component stay in eval mode while the rest
+        trains: their statistics (a ResNet-stemmed tower's) would otherwise follow every
+        batch, and a frozen component would leave the stage other than it came in. The
+        component itself stays in training mode: transformers checkpoints a layer's
+        activations only then, and backward still passes through a frozen LM."""
         super().train(mode)
         for module in self.components().values():
             if mode and not any(p.requires_grad for p in module.parameters()):
-                module.eval()
+                for layer in module.modules():
+                    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                        layer.eval()
         return self
 
     def enable_activation_checkpointing(self) -> None:
