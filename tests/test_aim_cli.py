@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_cli import base_args, kill_and_resume, losses, vlmtrain
@@ -11,6 +12,7 @@ from test_cli import base_args, kill_and_resume, losses, vlmtrain
 from vlmtrain.artifacts import load_model
 
 
+@pytest.mark.slow  # ~55 s; test_cli's kill/resume test covers the mechanism by default
 def test_aim_stage_resumes_exactly_and_hands_a_bidirectional_tower_to_align(shapes_root, tmp_path):
     args = [
         *base_args(shapes_root, tmp_path),

@@ -10,6 +10,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 # Not the checkout: the wheel's vlmtrain must be the one found.
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -22,6 +24,7 @@ def run(cmd: list, cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow  # builds a wheel and a virtualenv: 15-35 s
 def test_built_wheel_runs_recipes_from_any_directory(shapes_root, tmp_path):
     # Built from a copy of the sources: a build writes build/ and egg-info beside them.
     src = tmp_path / "src"
