@@ -106,7 +106,7 @@ def evaluate(artifact: Path, data: Path, limit: int | None) -> dict:
     model, tokenizer, model_cfg = load_model(artifact)
     model.eval()
     processor = load_image_processor(artifact, model_cfg, model.vision_spec)
-    images = ImageProcessor(processor, model.vision_spec.patch_size, data, model.token_downsample)
+    images = ImageProcessor.for_model(processor, model, model_cfg, data)
     out = {}
     for split in ("test", "test_unseen"):
         samples = read_eval_samples(data / f"vqa_{split}.json", limit)

@@ -40,11 +40,8 @@ def main() -> None:
     model, tokenizer, model_cfg = load_model(args.artifact)
     from vlmtrain.data.images import ImageProcessor
 
-    images = ImageProcessor(
-        build_image_processor(model_cfg.vision, model.vision_spec),
-        model.vision_spec.patch_size,
-        args.data_root,
-    )
+    processor = build_image_processor(model_cfg.vision, model.vision_spec)
+    images = ImageProcessor.for_model(processor, model, model_cfg, args.data_root)
     t0 = time.perf_counter()
     ours = predict(model, tokenizer, images, samples, max_new_tokens=8)
     t_ours = time.perf_counter() - t0

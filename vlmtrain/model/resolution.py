@@ -6,10 +6,10 @@ of its native grid; carried into a stage whose grid differs, that table is resiz
 bicubic interpolation over the 2-D grid (in fp32, corners not aligned, as transformers'
 ``interpolate_pos_encoding`` does at every forward), with CLIP's class-token embedding
 kept apart. A ``vit_hybrid`` tower (DPT's hybrid embedding) is resized as DPT itself
-resizes it at a forward of another size: bilinear, its class token kept apart. It is done once, when the stage loads the carried tower: the stage's
-model is built at the new resolution, the resized table is its weight, and the
-artifact records that table and that resolution, so later stages, ``eval`` and
-``export`` load it as it is.
+resizes it at a forward of another size: bilinear, its class token kept apart. It is
+done once, when the stage loads the carried tower: the stage's model is built at the
+new resolution, the resized table is its weight, and the artifact records that table
+and that resolution, so later stages, ``eval`` and ``export`` load it as it is.
 """
 
 from __future__ import annotations

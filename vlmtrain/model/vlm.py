@@ -80,8 +80,10 @@ class VisionLanguageModel(nn.Module):
         component itself stays in training mode: transformers checkpoints a layer's
         activations only then, and backward still passes through a frozen LM."""
         super().train(mode)
+        if not mode:
+            return self
         for module in self.components().values():
-            if mode and not any(p.requires_grad for p in module.parameters()):
+            if not any(p.requires_grad for p in module.parameters()):
                 for layer in module.modules():
                     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                         layer.eval()
