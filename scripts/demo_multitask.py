@@ -90,6 +90,12 @@ def main() -> int:
     parser.add_argument("--eval-limit", type=int, default=None, help="questions per file")
     parser.add_argument("--data-root", default=str(REPO / "data/generated/shapes_multitask"))
     parser.add_argument("--out", default=str(REPO / "runs/demo_multitask"))
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="an earlier run of this script (its base/sft/artifact) to start the arms from,"
+        " instead of training the first three stages again",
+    )
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -102,10 +108,13 @@ def main() -> int:
         f"seed={args.seed}",
     ]
     start = time.perf_counter()
-    base = [f"stages.lm_pretrain.max_steps={args.lm_steps}", "~stages.multitask"]
-    wait({"base": launch("base", base, common, out)}, out)
-    print(f"base done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    sft = out / "base" / "sft" / "artifact"
+    if args.base is None:
+        base = [f"stages.lm_pretrain.max_steps={args.lm_steps}", "~stages.multitask"]
+        wait({"base": launch("base", base, common, out)}, out)
+        print(f"base done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    sft = Path(args.base or out).resolve() / "base" / "sft" / "artifact"
+    if not (sft / "manifest.json").exists():
+        parser.error(f"--base {args.base}: no finished SFT artifact at {sft}")
     arm_common = [
         *(f"~stages.{name}" for name in BASE_STAGES),
         *(f"stages.multitask.init.{part}={sft}" for part in ("vision", "projector", "lm")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from test_cli import base_args, vlmtrain
 from test_shapes import tree_hash
 
 from vlmtrain.data.boxes import BOX_FORMAT, format_box, iou, normalize_box, parse_box
-from vlmtrain.data.shapes import ShapesConfig, generate_shapes, shapes_config
+from vlmtrain.data.shapes import ShapesConfig, ensure_shapes, generate_shapes, shapes_config
 from vlmtrain.data.shapes_world import WORDS
 from vlmtrain.eval.prompts import EvalSample
 from vlmtrain.eval.report import format_table
@@ -126,6 +127,32 @@ def test_grounding_and_ocr_samples_match_their_scenes(tasks: Path) -> None:
     x0, y0, x1, y1 = s["objects"][0]["bbox"]
     crop = Image.open(tasks / s["image"]).convert("RGB").crop((x0, y0, x1, y1))
     assert {(0, 0, 0), (255, 255, 255)} & {c for _, c in crop.getcolors(4096)}
+
+
+def test_ocr_answer_is_not_readable_from_the_question(tmp_path: Path) -> None:
+    """The asked word must be independent of the asked pair: guessing each pair's most
+    frequent word must do no better than chance (it did 5x better when both cycled)."""
+    cfg = ShapesConfig(canvas=128, small=20, large=36, n_ocr_train=800, **SMALL)
+    ocr = load(generate_shapes(tmp_path / "ocr", cfg), "ocr_train.json")
+    by_pair: dict[tuple, Counter] = {}
+    for s in ocr:
+        by_pair.setdefault(tuple(s["about"][0]), Counter())[s["answer"]] += 1
+    best_guess = sum(c.most_common(1)[0][1] for c in by_pair.values()) / len(ocr)
+    assert best_guess < 2.5 / len(WORDS), by_pair
+    assert Counter(s["answer"] for s in ocr) == Counter({w: 800 // len(WORDS) for w in WORDS})
+
+
+def test_data_of_an_older_generator_is_kept_unless_its_tasks_changed(tmp_path: Path) -> None:
+    """Version 3 changed only OCR samples: version-2 data without OCR is reused as is; with
+    OCR it is refused, naming the directory."""
+    plain = generate_shapes(tmp_path / "plain", SMALL_DEFAULT)
+    with_ocr = generate_shapes(tmp_path / "ocr", TASKS)
+    for root in (plain, with_ocr):
+        meta = json.loads((root / "meta.json").read_text())
+        (root / "meta.json").write_text(json.dumps({**meta, "version": 2}))
+    assert ensure_shapes(plain, SMALL_DEFAULT) == plain
+    with pytest.raises(ValueError, match=f"delete {with_ocr}"):
+        ensure_shapes(with_ocr, TASKS)
 
 
 def test_generator_options_are_checked() -> None:

@@ -36,6 +36,7 @@ from vlmtrain.data.shapes_world import (  # noqa: F401  (re-exported: the public
     SHAPES,
     SIZES,
     SPLITS,
+    COMPATIBLE_WITHOUT_OCR,
     VERSION,
     WORDS,
     Obj,
@@ -349,7 +350,8 @@ def _matches(out: Path, cfg: ShapesConfig) -> bool:
     if not (out / "meta.json").exists():
         return False
     meta, want = json.loads((out / "meta.json").read_text()), _config_json(cfg)
-    if meta.get("version") == VERSION and meta.get("config") == want:
+    versions = (VERSION,) if cfg.n_ocr_train else (VERSION, *COMPATIBLE_WITHOUT_OCR)
+    if meta.get("version") in versions and meta.get("config") == want:
         return True
     have = meta.get("config", {})
     diff = sorted(k for k in {*want, *have} if have.get(k) != want.get(k)) or ["version"]

@@ -71,11 +71,15 @@ def _ground(
 def _ocr(
     rng: random.Random, cfg: ShapesConfig, n: int, tpool: list[Pair], opool: list[Pair]
 ) -> list[tuple[str, str, str, list[Obj], Pair]]:
-    """n scenes of large shapes, each with its own word; the asked word cycles through WORDS
-    (balanced answers) and the asked pair through tpool."""
+    """n scenes of large shapes, each with its own word; the asked pair cycles through tpool
+    and the asked words are balanced over WORDS, in shuffled order: cycling both together
+    would tie each pair to the few words its index shares a residue with (16 pairs, 20
+    words: 5 words per pair), an answer readable from the question without the image."""
+    words = [WORDS[k % len(WORDS)] for k in range(n)]
+    rng.shuffle(words)
     out = []
-    for k in range(n):
-        about, word = tpool[k % len(tpool)], WORDS[k % len(WORDS)]
+    for k, word in enumerate(words):
+        about = tpool[k % len(tpool)]
         objs = _scene(rng, cfg, about, opool, "large")
         others = iter(rng.sample([w for w in WORDS if w != word], len(objs) - 1))
         objs = [replace(o, word=word if o.pair == about else next(others)) for o in objs]

@@ -37,7 +37,10 @@ CAPTION_PROMPTS: tuple[str, ...] = (
     "Describe the shapes in the image.",
 )
 REL_PHRASE = {r: f"to the {r} of" if r in ("left", "right") else r for r in RELATIONS}
-VERSION = 2  # 2: the tokenizer splits digits (boxes' coordinates read digit by digit)
+# 2: the tokenizer splits digits (boxes' coordinates read digit by digit); 3: OCR's asked
+# word no longer follows the asked pair. Data without OCR is byte for byte version 2's.
+VERSION = 3
+COMPATIBLE_WITHOUT_OCR = (2,)
 Pair = tuple[str, str]
 
 
