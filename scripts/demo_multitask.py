@@ -7,12 +7,14 @@ first three stages (text-only LM pretraining, alignment, SFT: the tiny recipe's,
 the 128 px world resized) run once, as the run `base`. Each arm then runs the multitask
 stage alone (everything trains) from base's SFT artifact, on the same mixture of text, VQA,
 captions, grounding and OCR, for the same number of steps and samples, from the same
-128 px images, both arms side by side. The only difference is the stage's tower, set per
-stage in `ARMS` below:
+128 px images, the arms side by side. The only difference is how the stage's tower sees
+the image, set per stage in `ARMS` below:
 
   64px    the tiny tower as SFT left it: 64 px (patch 8: 64 image tokens), images resized
   128px   the same tower at 128 px: its position table interpolated once to 16 x 16
           (vlmtrain.model.resolution), 256 image tokens through the same projector
+  tiles   the tower at 64 px on 2 x 2 tiles of the 128 px image and a 64 px thumbnail
+          (vlmtrain.data.tiling), 320 image tokens through the same projector
 
 Reported per arm from each run's eval (greedy decoding): grounding accuracy (IoU >= 0.5,
 predictions that are not a box counted wrong), "what is at <box>" and OCR exact match,
@@ -25,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from side_by_side import launch, wait
@@ -34,6 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 ARMS: dict[str, list[str]] = {
     "64px": [],
     "128px": ["+stages.multitask.model.vision.image_size=128"],
+    # InternVL's way: the tower stays at 64 px, the 128 px image is cut into 2 x 2 tiles of
+    # 64 px plus a 64 px thumbnail (320 image tokens).
+    "tiles": [
+        "+stages.multitask.model.tiling={enabled: true, max_tiles: 4, thumbnail: true}",
+        "stages.multitask.max_length=400",
+    ],
 }
 BASE_STAGES = ("lm_pretrain", "align", "sft")
 SPLITS = ("test", "test_unseen")
@@ -55,13 +64,13 @@ def cell(results: dict, key: str, qtype: str | None) -> tuple[float, float | Non
     return row["accuracy"], row["chance"], row.get("unparseable")
 
 
-def table(out: Path) -> str:
+def table(out: Path, arms: Iterable[str]) -> str:
     lines = [
         "| arm | split | " + " | ".join(c[2] for c in COLUMNS) + " | multitask wall |",
         "|---|---|" + "---:|" * (len(COLUMNS) + 1),
     ]
     chance_row: dict[str, list[str]] = {}
-    for arm in ARMS:
+    for arm in arms:
         stage = out / arm / "multitask"
         results = json.loads((stage / "eval" / "eval.json").read_text())
         manifest = json.loads((stage / "artifact" / "manifest.json").read_text())
@@ -90,6 +99,7 @@ def main() -> int:
     parser.add_argument("--eval-limit", type=int, default=None, help="questions per file")
     parser.add_argument("--data-root", default=str(REPO / "data/generated/shapes_multitask"))
     parser.add_argument("--out", default=str(REPO / "runs/demo_multitask"))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument(
         "--base",
         default=None,
@@ -123,9 +133,10 @@ def main() -> int:
     ]
     if args.eval_limit is not None:
         arm_common.append(f"stages.multitask.eval_limit={args.eval_limit}")
-    procs = {arm: launch(arm, arm_common + extra, common, out) for arm, extra in ARMS.items()}
+    arms = {arm: ARMS[arm] for arm in args.arms}
+    procs = {arm: launch(arm, arm_common + extra, common, out) for arm, extra in arms.items()}
     wait(procs, out)
-    report = table(out)
+    report = table(out, arms)
     (out / "table.md").write_text(report)
     print(report)
     print(f"total {time.perf_counter() - start:.0f} s; runs, logs and commands in {out}")

@@ -5,9 +5,12 @@ which shapes and which colours are present (one binary label each). A fourth pro
 *where*: from the features of single patches lying on an object, a linear layer predicts
 the patch's column and its row in the grid (the information a "where is X?" answer must
 find in the image tokens themselves; reported as the mean of the two accuracies).
+``--words`` (data with OCR) instead asks whether the tower can read: from the 3 x 3 patches
+around a word written on a shape, a linear layer names the word (one of 20).
 
     python scripts/probe_tower.py runs/x/aim/artifact [--fresh] [--data-root ...]
     python scripts/probe_tower.py --tower type=vit_hybrid --tower backbone=resnet ...
+    python scripts/probe_tower.py runs/x/multitask/artifact --words --data-root ...
 
 ``--fresh`` probes the same architecture at its random initialization (the artifact's
 seed), which is where a stage without pretraining starts; ``--tower KEY=VALUE`` (no
@@ -163,16 +166,66 @@ def position_probe(train, test) -> tuple[float, float]:
     return sum(accuracies) / 2, sum(majorities) / 2
 
 
+def word_windows(tower, processor, records: list[dict], root: Path, words: list[str]):
+    """For every shape carrying a word: the features of the 3 x 3 patches around the word's
+    centre, concatenated (one vector per word), and the word's index."""
+    canvas = json.loads((root / "meta.json").read_text())["config"]["canvas"]
+    feats, labels = [], []
+    for start in range(0, len(records), 64):
+        chunk = records[start : start + 64]
+        images = [to_rgb(Image.open(root / r["image"])) for r in chunk]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            tokens = tower(pixels)
+        grid = int(tokens.shape[1] ** 0.5)
+        padded = F.pad(tokens.unflatten(1, (grid, grid)), (0, 0, 1, 1, 1, 1))
+        for tok, r in zip(padded, chunk, strict=True):
+            for o in r["objects"]:
+                x0, y0, x1, y1 = o["bbox"]
+                col = min(grid - 1, int((x0 + x1) / 2 * grid / canvas))
+                row = min(grid - 1, int((y0 + y1) / 2 * grid / canvas))
+                feats.append(tok[row : row + 3, col : col + 3].flatten())
+                labels.append(words.index(o["word"]))
+    return torch.stack(feats), torch.tensor(labels)
+
+
+def word_probe(artifact: Path, data_root: Path, limit: int = 2000) -> tuple[float, float]:
+    """Accuracy of a linear probe naming the word written on a shape from the tower's
+    features around it (OCR data: ocr_train scenes to fit, ocr_val and ocr_test to score)."""
+    tower, processor = tower_of(artifact, fresh=False)
+    tower.eval()
+    words = json.loads((data_root / "meta.json").read_text())["words"]
+    load = lambda name: json.loads((data_root / name).read_text())  # noqa: E731
+    xtr, ytr = word_windows(tower, processor, load("ocr_train.json")[:limit], data_root, words)
+    test = load("ocr_val.json") + load("ocr_test.json")
+    xte, yte = word_windows(tower, processor, test, data_root, words)
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    p = fit(xtr, ytr, len(words), multilabel=False)
+    with torch.no_grad():
+        accuracy = (p(xte).argmax(1) == yte).float().mean().item()
+    return accuracy, 1 / len(words)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path, nargs="?")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--tower", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--data-root", type=Path, default=REPO / "data/generated/shapes")
+    parser.add_argument(
+        "--words", action="store_true", help="only the word probe (data with OCR samples)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if (args.artifact is None) == (not args.tower):
         parser.error("give an artifact or --tower settings, not both")
+    if args.words:
+        if args.artifact is None or not (args.data_root / "ocr_train.json").exists():
+            parser.error("--words needs an artifact and a --data-root generated with OCR")
+        acc, chance = word_probe(args.artifact, args.data_root)
+        print(f"word: {acc:.3f} (chance {chance:.3f})")
+        return
     results = probe(args.artifact, args.data_root, args.fresh, tower_settings=args.tower)
     for name, (acc, base) in results.items():
         print(f"{name}: {acc:.3f} (majority {base:.3f})")
