@@ -52,7 +52,7 @@ def pairs(sample: dict[str, Any]) -> set[tuple[str, str]]:
 
 def test_layout_and_meta(ds: Path) -> None:
     meta = json.loads((ds / "meta.json").read_text())
-    assert meta["generator"] == "shapes" and meta["version"] == 2
+    assert meta["generator"] == "shapes" and meta["version"] == 3
     assert meta["config"]["holdout"] == [list(p) for p in CFG.holdout]
     expected = {f"{k}_{s}.json" for k in ("vqa", "caption") for s in S.SPLITS}
     expected |= {f"chat_{s}.json" for s in IN_DIST} | {f"text_{s}.jsonl" for s in IN_DIST}
