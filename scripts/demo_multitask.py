@@ -16,6 +16,10 @@ the image, set per stage in `ARMS` below:
   tiles   the tower at 64 px on 2 x 2 tiles of the 128 px image and a 64 px thumbnail
           (vlmtrain.data.tiling), 320 image tokens through the same projector
 
+and, with `--arms`, a pair that starts the projector afresh (the LM sees 64 image tokens
+in both): `128px_shuffle` (the 128 px tower, pixel shuffle 2 x 2 -> 64 tokens of four
+patches each) against `64px_new` (the 64 px tower, a new projector of the usual kind).
+
 Reported per arm from each run's eval (greedy decoding): grounding accuracy (IoU >= 0.5,
 predictions that are not a box counted wrong), "what is at <box>" and OCR exact match,
 VQA overall, on test and test_unseen, next to chance, with the stage's wall time.
@@ -43,6 +47,15 @@ ARMS: dict[str, list[str]] = {
         "+stages.multitask.model.tiling={enabled: true, max_tiles: 4, thumbnail: true}",
         "stages.multitask.max_length=400",
     ],
+    # InternVL's pixel shuffle: the tower at 128 px, each 2 x 2 patches one image token (64,
+    # as at 64 px, each carrying four patches' features) through a new projector; `64px_new`
+    # is its control, the 64 px tower with a new projector of the usual kind.
+    "128px_shuffle": [
+        "+stages.multitask.model.vision.image_size=128",
+        "+stages.multitask.model.projector={type: pixel_shuffle_mlp, downsample: 2}",
+        "stages.multitask.init.projector=fresh",
+    ],
+    "64px_new": ["stages.multitask.init.projector=fresh"],
 }
 BASE_STAGES = ("lm_pretrain", "align", "sft")
 SPLITS = ("test", "test_unseen")
@@ -99,7 +112,7 @@ def main() -> int:
     parser.add_argument("--eval-limit", type=int, default=None, help="questions per file")
     parser.add_argument("--data-root", default=str(REPO / "data/generated/shapes_multitask"))
     parser.add_argument("--out", default=str(REPO / "runs/demo_multitask"))
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["64px", "128px", "tiles"])
     parser.add_argument(
         "--base",
         default=None,
@@ -127,14 +140,21 @@ def main() -> int:
         parser.error(f"--base {args.base}: no finished SFT artifact at {sft}")
     arm_common = [
         *(f"~stages.{name}" for name in BASE_STAGES),
-        *(f"stages.multitask.init.{part}={sft}" for part in ("vision", "projector", "lm")),
         f"stages.multitask.max_steps={args.steps}",
         f"stages.multitask.batch_size={args.batch_size}",
     ]
     if args.eval_limit is not None:
         arm_common.append(f"stages.multitask.eval_limit={args.eval_limit}")
     arms = {arm: ARMS[arm] for arm in args.arms}
-    procs = {arm: launch(arm, arm_common + extra, common, out) for arm, extra in arms.items()}
+    procs = {}
+    for arm, extra in arms.items():
+        # Every part starts from SFT's artifact unless the arm says otherwise.
+        init = [
+            f"stages.multitask.init.{part}={sft}"
+            for part in ("vision", "projector", "lm")
+            if not any(o.startswith(f"stages.multitask.init.{part}=") for o in extra)
+        ]
+        procs[arm] = launch(arm, arm_common + init + extra, common, out)
     wait(procs, out)
     report = table(out, arms)
     (out / "table.md").write_text(report)
