@@ -119,6 +119,11 @@ def main() -> int:
         help="an earlier run of this script (its base/sft/artifact) to start the arms from,"
         " instead of training the first three stages again",
     )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="more overrides for every run, after --: model.lm.hidden_size=128",
+    )
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -129,6 +134,7 @@ def main() -> int:
         "trainer.progress_bar=false",
         "trainer.num_threads=1",
         f"seed={args.seed}",
+        *args.overrides,
     ]
     start = time.perf_counter()
     if args.base is None:

@@ -71,16 +71,21 @@ def object_patches(objects: list[dict], canvas: int, grid: int) -> list[tuple[in
     return cells
 
 
-def features_and_labels(tower, processor, records: list[dict], root: Path, vocab: dict):
-    feats, counts, shapes, colours = [], [], [], []
-    patch_feats, places = [], []
-    canvas = json.loads((root / "meta.json").read_text())["config"]["canvas"]
+def tower_tokens(tower, processor, records: list[dict], root: Path):
+    """(records, the tower's output tokens for their images), 64 images at a time."""
     for start in range(0, len(records), 64):
         chunk = records[start : start + 64]
         images = [to_rgb(Image.open(root / r["image"])) for r in chunk]
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            tokens = tower(pixels)
+            yield chunk, tower(pixels)
+
+
+def features_and_labels(tower, processor, records: list[dict], root: Path, vocab: dict):
+    feats, counts, shapes, colours = [], [], [], []
+    patch_feats, places = [], []
+    canvas = json.loads((root / "meta.json").read_text())["config"]["canvas"]
+    for chunk, tokens in tower_tokens(tower, processor, records, root):
         feats.append(tokens.mean(1))
         grid = int(tokens.shape[1] ** 0.5)
         for tok, r in zip(tokens, chunk, strict=True):
@@ -171,12 +176,7 @@ def word_windows(tower, processor, records: list[dict], root: Path, words: list[
     centre, concatenated (one vector per word), and the word's index."""
     canvas = json.loads((root / "meta.json").read_text())["config"]["canvas"]
     feats, labels = [], []
-    for start in range(0, len(records), 64):
-        chunk = records[start : start + 64]
-        images = [to_rgb(Image.open(root / r["image"])) for r in chunk]
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            tokens = tower(pixels)
+    for chunk, tokens in tower_tokens(tower, processor, records, root):
         grid = int(tokens.shape[1] ** 0.5)
         padded = F.pad(tokens.unflatten(1, (grid, grid)), (0, 0, 1, 1, 1, 1))
         for tok, r in zip(padded, chunk, strict=True):
