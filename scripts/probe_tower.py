@@ -31,6 +31,7 @@ from PIL import Image
 from vlmtrain.artifacts import load_image_processor, load_model, read_manifest
 from vlmtrain.config import VisionConfig
 from vlmtrain.data.images import to_rgb
+from vlmtrain.data.shapes_world import Obj, word_box
 from vlmtrain.model.vision import build_image_processor, build_vision_tower
 from vlmtrain.model.vlm import VisionLanguageModel
 
@@ -156,16 +157,21 @@ def probe(
     return out
 
 
+def linear_accuracy(train, test, classes: int) -> float:
+    """Test accuracy of a linear classifier fit on standardized train features."""
+    (xtr, ytr), (xte, yte) = train, test
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    p = fit((xtr - mean) / std, ytr, classes, multilabel=False)
+    with torch.no_grad():
+        return (p((xte - mean) / std).argmax(1) == yte).float().mean().item()
+
+
 def position_probe(train, test) -> tuple[float, float]:
     """Mean accuracy over column and row of a linear probe on single object patches."""
     (xtr, ytr, grid), (xte, yte, _) = train, test
-    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xte = (xtr - mean) / std, (xte - mean) / std
     accuracies, majorities = [], []
     for axis in (0, 1):
-        p = fit(xtr, ytr[:, axis], grid, multilabel=False)
-        with torch.no_grad():
-            accuracies.append((p(xte).argmax(1) == yte[:, axis]).float().mean().item())
+        accuracies.append(linear_accuracy((xtr, ytr[:, axis]), (xte, yte[:, axis]), grid))
         majority = torch.bincount(ytr[:, axis], minlength=grid).argmax()
         majorities.append((yte[:, axis] == majority).float().mean().item())
     return sum(accuracies) / 2, sum(majorities) / 2
@@ -173,19 +179,19 @@ def position_probe(train, test) -> tuple[float, float]:
 
 def word_windows(tower, processor, records: list[dict], root: Path, words: list[str]):
     """For every shape carrying a word: the features of the 3 x 3 patches around the word's
-    centre, concatenated (one vector per word), and the word's index."""
+    centre (where the generator wrote it), concatenated, and the word's index."""
     canvas = json.loads((root / "meta.json").read_text())["config"]["canvas"]
     feats, labels = [], []
     for chunk, tokens in tower_tokens(tower, processor, records, root):
         grid = int(tokens.shape[1] ** 0.5)
         padded = F.pad(tokens.unflatten(1, (grid, grid)), (0, 0, 1, 1, 1, 1))
         for tok, r in zip(padded, chunk, strict=True):
-            for o in r["objects"]:
-                x0, y0, x1, y1 = o["bbox"]
+            for o in map(Obj.from_json, r["objects"]):
+                x0, y0, x1, y1 = word_box(o)
                 col = min(grid - 1, int((x0 + x1) / 2 * grid / canvas))
                 row = min(grid - 1, int((y0 + y1) / 2 * grid / canvas))
                 feats.append(tok[row : row + 3, col : col + 3].flatten())
-                labels.append(words.index(o["word"]))
+                labels.append(words.index(o.word))
     return torch.stack(feats), torch.tensor(labels)
 
 
@@ -195,16 +201,12 @@ def word_probe(artifact: Path, data_root: Path, limit: int = 2000) -> tuple[floa
     tower, processor = tower_of(artifact, fresh=False)
     tower.eval()
     words = json.loads((data_root / "meta.json").read_text())["words"]
-    load = lambda name: json.loads((data_root / name).read_text())  # noqa: E731
-    xtr, ytr = word_windows(tower, processor, load("ocr_train.json")[:limit], data_root, words)
-    test = load("ocr_val.json") + load("ocr_test.json")
-    xte, yte = word_windows(tower, processor, test, data_root, words)
-    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xte = (xtr - mean) / std, (xte - mean) / std
-    p = fit(xtr, ytr, len(words), multilabel=False)
-    with torch.no_grad():
-        accuracy = (p(xte).argmax(1) == yte).float().mean().item()
-    return accuracy, 1 / len(words)
+    files = {
+        n: json.loads((data_root / f"ocr_{n}.json").read_text()) for n in ("train", "val", "test")
+    }
+    train = word_windows(tower, processor, files["train"][:limit], data_root, words)
+    test = word_windows(tower, processor, files["val"] + files["test"], data_root, words)
+    return linear_accuracy(train, test, len(words)), 1 / len(words)
 
 
 def main() -> None:

@@ -120,6 +120,11 @@ class Obj:
     def centre(self) -> tuple[float, float]:
         return (self.x0 + self.side / 2, self.y0 + self.side / 2)
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Obj:
+        x0, y0, x1, _ = d["bbox"]
+        return cls(d["colour"], d["shape"], d["size"], x0, y0, x1 - x0, d.get("word"))
+
     def to_json(self) -> dict[str, Any]:
         # bbox is [x0, y0, x1, y1] with x1/y1 exclusive.
         b = [self.x0, self.y0, self.x0 + self.side, self.y0 + self.side]
@@ -154,15 +159,21 @@ def render_scene(objects: Sequence[Obj], canvas: int) -> Image.Image:
     return img
 
 
-def _draw_word(draw: ImageDraw.ImageDraw, o: Obj) -> None:
-    """The word centred on the shape (in a triangle's wide lower part), in a bitmap font
-    that ships inside PIL: identical pixels everywhere, no font file, no network."""
-    font = ImageFont.load_default_imagefont()
-    _, _, w, h = font.getbbox(o.word)
+def word_box(o: Obj) -> tuple[int, int, int, int]:
+    """Where the word is written: (x0, y0, x1, y1), centred on the shape (in a triangle's
+    wide lower part), in a bitmap font that ships inside PIL: identical pixels everywhere,
+    no font file, no network."""
+    assert o.word, o
+    _, _, w, h = ImageFont.load_default_imagefont().getbbox(o.word)
     x = o.x0 + (o.side - w) // 2
     y = o.y0 + o.side - h - 2 if o.shape == "triangle" else o.y0 + (o.side - h) // 2
+    return x, y, x + w, y + h
+
+
+def _draw_word(draw: ImageDraw.ImageDraw, o: Obj) -> None:
     ink = (0, 0, 0) if o.colour in DARK_TEXT_ON else (255, 255, 255)
-    draw.text((x, y), o.word, fill=ink, font=font)
+    x, y, _, _ = word_box(o)
+    draw.text((x, y), o.word, fill=ink, font=ImageFont.load_default_imagefont())
 
 
 def png_bytes(img: Image.Image) -> bytes:
