@@ -155,6 +155,30 @@ def test_data_of_an_older_generator_is_kept_unless_its_tasks_changed(tmp_path: P
         ensure_shapes(with_ocr, TASKS)
 
 
+def test_ocr_scenes_of_one_shape_change_only_the_ocr_files(tmp_path: Path, tasks: Path) -> None:
+    """`ocr_max_objects=1`: every OCR scene holds the asked shape alone; every other file
+    (and OCR's own questions and answers' balance) is as without the option."""
+    cfg = ShapesConfig(**{**TASKS.__dict__, "ocr_max_objects": 1})
+    single = generate_shapes(tmp_path / "single", cfg)
+    for split in ("train", "test", "test_unseen"):
+        ocr = load(single, f"ocr_{split}.json")
+        assert ocr and all(len(s["objects"]) == 1 for s in ocr)
+        assert all(s["objects"][0]["word"] == s["answer"] for s in ocr)
+        assert Counter(s["answer"] for s in ocr) == Counter(
+            s["answer"] for s in load(tasks, f"ocr_{split}.json")
+        )
+    assert any(len(s["objects"]) > 1 for s in load(tasks, "ocr_train.json"))
+    same = {p.name for p in tasks.glob("*.json*") if not p.name.startswith(("ocr_", "meta"))}
+    for name in same:
+        assert (single / name).read_bytes() == (tasks / name).read_bytes(), name
+    assert json.loads((single / "meta.json").read_text())["config"]["ocr_max_objects"] == 1
+    assert "ocr_max_objects" not in json.loads((tasks / "meta.json").read_text())["config"]
+    with pytest.raises(ValueError, match="ocr_max_objects must be between"):
+        generate_shapes(
+            "/nonexistent/never", ShapesConfig(**{**TASKS.__dict__, "ocr_max_objects": 4})
+        )
+
+
 def test_generator_options_are_checked() -> None:
     assert shapes_config(3, {"canvas": 128, "holdout": [["red", "circle"]]}) == ShapesConfig(
         seed=3, canvas=128, holdout=(("red", "circle"),)

@@ -40,10 +40,16 @@ def object_box(o: Obj, canvas: int) -> str:
 
 
 def _scene(
-    rng: random.Random, cfg: ShapesConfig, first: Pair, pool: list[Pair], size: str | None
+    rng: random.Random,
+    cfg: ShapesConfig,
+    first: Pair,
+    pool: list[Pair],
+    size: str | None,
+    max_objects: int = 0,
 ) -> list[Obj]:
-    """`first` plus up to max_objects - 1 other distinct pairs; sizes random unless given."""
-    n = rng.randint(1, cfg.max_objects)
+    """`first` plus up to max_objects - 1 (0: cfg.max_objects - 1) other distinct pairs;
+    sizes random unless given."""
+    n = rng.randint(1, max_objects or cfg.max_objects)
     pairs = [first, *rng.sample([p for p in pool if p != first], n - 1)]
     rng.shuffle(pairs)
     return _place(rng, cfg, [(c, s, size or rng.choice(SIZES)) for c, s in pairs])
@@ -80,7 +86,7 @@ def _ocr(
     out = []
     for k, word in enumerate(words):
         about = tpool[k % len(tpool)]
-        objs = _scene(rng, cfg, about, opool, "large")
+        objs = _scene(rng, cfg, about, opool, "large", cfg.ocr_max_objects)
         others = iter(rng.sample([w for w in WORDS if w != word], len(objs) - 1))
         objs = [replace(o, word=word if o.pair == about else next(others)) for o in objs]
         q = f"What word is written on the {about[0]} {about[1]}?"

@@ -62,10 +62,13 @@ class ShapesConfig:
     # one generated before these options existed.
     n_grounding_train: int = 0  # "where is the X?" -> box, and "what is at <box>?" -> X
     n_ocr_train: int = 0  # "what word is written on the X?" (words on `large` shapes)
+    # Shapes per OCR scene at most; 0: max_objects. 1 asks reading alone, without first
+    # finding the named shape among others.
+    ocr_max_objects: int = 0
 
 
 # Options recorded in meta.json only when on, so data generated without them keeps its bytes.
-OPTIONAL_FIELDS: tuple[str, ...] = ("n_grounding_train", "n_ocr_train")
+OPTIONAL_FIELDS: tuple[str, ...] = ("n_grounding_train", "n_ocr_train", "ocr_max_objects")
 # Short words for OCR, drawn on shapes with PIL's built-in bitmap font (6 x 11 px glyphs).
 WORDS: tuple[str, ...] = (
     "cat", "dog", "sun", "map", "cup", "hat", "box", "pen", "key", "bus",
@@ -208,6 +211,8 @@ def _validate(cfg: ShapesConfig) -> None:
         raise ValueError("shape sizes must be >= 3 px and fit inside the canvas")
     if min(cfg.n_grounding_train, cfg.n_ocr_train) < 0:
         raise ValueError("n_grounding_train and n_ocr_train must be >= 0")
+    if not 0 <= cfg.ocr_max_objects <= cfg.max_objects:
+        raise ValueError("ocr_max_objects must be between 0 (max_objects) and max_objects")
     if cfg.n_ocr_train and cfg.large < OCR_MIN_SIDE:
         raise ValueError(f"OCR words are drawn on large shapes: need large >= {OCR_MIN_SIDE} px")
 
