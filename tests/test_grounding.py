@@ -253,6 +253,19 @@ def test_multitask_stage_trains_and_evaluates_through_cli(tmp_path: Path) -> Non
         assert results[f"ocr_{split}"]["per_type"]["ocr"]["chance"] == 1 / len(WORDS)
         assert results[split]["overall"]["n"] == 5 * 4  # VQA still evaluated
     assert "ground_test_unseen | referring" in (stage / "eval" / "eval.md").read_text()
+    # Every answer is kept, each scored as the table counts it.
+    rows = [json.loads(line) for line in (stage / "eval" / "predictions.jsonl").open()]
+    scored = {k: r for k, r in results.items() if "examples" in r}  # not preference pairs
+    assert {r["file"] for r in rows} == set(scored) and len(scored) == 8
+    for key, res in scored.items():
+        mine = [r for r in rows if r["file"] == key]
+        assert len(mine) == res["overall"]["n"] and "predictions" not in res
+        for qtype, row in res["per_type"].items():
+            right = [r["correct"] for r in mine if r["type"] == qtype]
+            assert sum(right) / len(right) == row["accuracy"], (key, qtype)
+    assert {r["id"] for r in rows if r["file"] == "ground_test"} == {
+        s["id"] for s in load(root, "ground_test.json")
+    }
 
 
 def test_tiny_multitask_recipe_chains_its_stages_at_the_multitask_resolution(compose) -> None:

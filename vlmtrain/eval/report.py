@@ -33,10 +33,21 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def write_report(results: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``eval.json`` and ``eval.md`` into ``out_dir``; return their paths."""
+    """Write ``eval.json`` and ``eval.md`` into ``out_dir``, and every sample's prediction
+    (with its file's key, e.g. ``ground_test``, and whether it was scored right) into
+    ``predictions.jsonl``; return the paths of the first two."""
+    from vlmtrain.eval.shapes_eval import PREDICTIONS
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "eval.json", out / "eval.md"
+    lines = [
+        json.dumps({"file": key, **row})
+        for key, res in results.items()
+        for row in res.get(PREDICTIONS, [])
+    ]
+    results = {k: {f: v for f, v in r.items() if f != PREDICTIONS} for k, r in results.items()}
+    atomic_write_text(out / "predictions.jsonl", "".join(line + "\n" for line in lines))
     atomic_write_json(json_path, results)
     examples = []
     for split, res in results.items():

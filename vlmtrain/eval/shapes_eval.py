@@ -26,6 +26,7 @@ from vlmtrain.data.shapes import ANSWERS
 from vlmtrain.eval.prompts import EvalSample, build_prompt, read_eval_samples
 
 N_EXAMPLES = 5
+PREDICTIONS = "predictions"  # key of a result's per-sample list (not kept in eval.json)
 # Captions run to a few dozen tokens; VQA answers are a word or two.
 CAPTION_MAX_NEW_TOKENS = 32
 # Per sample file kind (`<kind>_<split>.json`) beside VQA: (results key prefix, new tokens);
@@ -136,6 +137,7 @@ def score(
     that are not a box, all counted wrong)."""
     per: dict[str, list[int]] = {}
     unparseable: dict[str, int] = {}
+    every: list[dict[str, Any]] = []
     for s, p in zip(samples, predictions, strict=True):
         ref = parse_box(s.answer)
         if ref is None:
@@ -145,6 +147,10 @@ def score(
             unparseable[s.type] = unparseable.get(s.type, 0) + (guess is None)
             hit = guess is not None and iou(ref, guess) >= IOU_THRESHOLD
         per.setdefault(s.type, []).append(int(hit))
+        every.append(
+            {"id": s.id, "type": s.type, "question": s.question, "answer": s.answer}
+            | {"prediction": p, "correct": bool(hit)}
+        )
     hits = [h for v in per.values() for h in v]
 
     def row(t: str, v: list[int]) -> dict[str, Any]:
@@ -156,16 +162,9 @@ def score(
     return {
         "overall": {"accuracy": sum(hits) / len(hits) if hits else 0.0, "n": len(hits)},
         "per_type": {t: row(t, v) for t, v in sorted(per.items())},
-        "examples": [
-            {
-                "id": s.id,
-                "type": s.type,
-                "question": s.question,
-                "answer": s.answer,
-                "prediction": p,
-            }
-            for s, p in zip(samples[:N_EXAMPLES], predictions[:N_EXAMPLES], strict=True)
-        ],
+        "examples": every[:N_EXAMPLES],
+        # Every sample's prediction: write_report moves these to predictions.jsonl.
+        PREDICTIONS: every,
     }
 
 
