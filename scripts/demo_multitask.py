@@ -103,6 +103,41 @@ def table(out: Path, arms: Iterable[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def by_size(stage: Path, data_root: Path, split: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """{(question type, asked object's size): (right, asked)} for ``ground_<split>``, from
+    the stage's predictions.jsonl and the data's record of each scene."""
+    samples = {s["id"]: s for s in json.loads((data_root / f"ground_{split}.json").read_text())}
+    counts: dict[tuple[str, str], tuple[int, int]] = {}
+    for line in (stage / "eval" / "predictions.jsonl").open():
+        row = json.loads(line)
+        if row["file"] != f"ground_{split}":
+            continue
+        s = samples[row["id"]]
+        size = next(o["size"] for o in s["objects"] if [o["colour"], o["shape"]] == s["about"][0])
+        right, asked = counts.get((row["type"], size), (0, 0))
+        counts[(row["type"], size)] = (right + row["correct"], asked + 1)
+    return counts
+
+
+def size_table(out: Path, arms: Iterable[str], data_root: Path) -> str:
+    """Grounding and "what is at <box>" by the asked object's size: whether the extra
+    pixels help where the objects are smallest."""
+    keys = [(t, z) for t in ("grounding", "referring") for z in ("small", "large")]
+    lines = [
+        "| arm | split | " + " | ".join(f"{t} ({z})" for t, z in keys) + " |",
+        "|---|---|" + "---:|" * len(keys),
+    ]
+    for arm in arms:
+        for split in SPLITS:
+            counts = by_size(out / arm / "multitask", data_root, split)
+            cells = [
+                f"{100 * r / n:.0f}% of {n}" if n else "–"
+                for r, n in (counts.get(k, (0, 0)) for k in keys)
+            ]
+            lines.append(f"| {arm} | {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000, help="multitask steps of each arm")
@@ -162,7 +197,7 @@ def main() -> int:
         ]
         procs[arm] = launch(arm, arm_common + init + extra, common, out)
     wait(procs, out)
-    report = table(out, arms)
+    report = table(out, arms) + "\n" + size_table(out, arms, Path(args.data_root))
     (out / "table.md").write_text(report)
     print(report)
     print(f"total {time.perf_counter() - start:.0f} s; runs, logs and commands in {out}")
