@@ -22,7 +22,8 @@ patches each) against `64px_new` (the 64 px tower, a new projector of the usual 
 
 Reported per arm from each run's eval (greedy decoding): grounding accuracy (IoU >= 0.5,
 predictions that are not a box counted wrong), "what is at <box>" and OCR exact match,
-VQA overall, on test and test_unseen, next to chance, with the stage's wall time.
+VQA overall, on test and test_unseen, next to chance, with the stage's wall time; then
+grounding and "what is at <box>" by the asked object's size (small / large).
 """
 
 from __future__ import annotations
