@@ -8,6 +8,8 @@ from typing import Any
 
 from vlmtrain.durable import atomic_write_json, atomic_write_text
 
+PREDICTIONS = "predictions"  # a result's per-question list: predictions.jsonl, not eval.json
+
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
@@ -36,8 +38,6 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
     """Write ``eval.json`` and ``eval.md`` into ``out_dir``, and every sample's prediction
     (with its file's key, e.g. ``ground_test``, and whether it was scored right) into
     ``predictions.jsonl``; return the paths of the first two."""
-    from vlmtrain.eval.shapes_eval import PREDICTIONS
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "eval.json", out / "eval.md"

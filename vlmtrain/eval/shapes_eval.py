@@ -24,9 +24,9 @@ from vlmtrain.data.boxes import IOU_THRESHOLD, iou, parse_box
 from vlmtrain.data.images import ImageProcessor
 from vlmtrain.data.shapes import ANSWERS
 from vlmtrain.eval.prompts import EvalSample, build_prompt, read_eval_samples
+from vlmtrain.eval.report import PREDICTIONS
 
 N_EXAMPLES = 5
-PREDICTIONS = "predictions"  # key of a result's per-sample list (not kept in eval.json)
 # Captions run to a few dozen tokens; VQA answers are a word or two.
 CAPTION_MAX_NEW_TOKENS = 32
 # Per sample file kind (`<kind>_<split>.json`) beside VQA: (results key prefix, new tokens);
@@ -135,7 +135,6 @@ def score(
     """Accuracy overall and per question type: exact match (after stripping whitespace), or
     IoU >= IOU_THRESHOLD where the reference answer is a box (``unparseable``: predictions
     that are not a box, all counted wrong)."""
-    per: dict[str, list[int]] = {}
     unparseable: dict[str, int] = {}
     every: list[dict[str, Any]] = []
     for s, p in zip(samples, predictions, strict=True):
@@ -146,12 +145,14 @@ def score(
             guess = parse_box(p)
             unparseable[s.type] = unparseable.get(s.type, 0) + (guess is None)
             hit = guess is not None and iou(ref, guess) >= IOU_THRESHOLD
-        per.setdefault(s.type, []).append(int(hit))
         every.append(
             {"id": s.id, "type": s.type, "question": s.question, "answer": s.answer}
             | {"prediction": p, "correct": bool(hit)}
         )
-    hits = [h for v in per.values() for h in v]
+    per: dict[str, list[int]] = {}
+    for r in every:
+        per.setdefault(r["type"], []).append(int(r["correct"]))
+    hits = [int(r["correct"]) for r in every]
 
     def row(t: str, v: list[int]) -> dict[str, Any]:
         out = {"accuracy": sum(v) / len(v), "n": len(v), "chance": chance.get(t)}
